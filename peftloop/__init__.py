@@ -1,0 +1,1 @@
+"""peftloop: a from-scratch, PEFT-aware fine-tuning loop for PyTorch."""
