@@ -65,6 +65,19 @@ def backend(name: str):
         set_backend(previous)
 
 
+def autocast_dtype(tensor: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes matmuls in on this tensor's device, or None when it is off.
+
+    The ops cast their inputs to it themselves and run their Function with autocast
+    disabled, so the kernels, the torch path and the reference all see the same dtypes as
+    the plain torch op would under autocast.
+    """
+    device_type = tensor.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def backend_for(tensor: torch.Tensor) -> str:
     """The implementation an op should run for this input: 'triton', 'torch' or 'reference'."""
     if _forced == "auto":

@@ -1,0 +1,108 @@
+"""What every Triton kernel here shares: the import guard, the ``dot`` helper, autotuning.
+
+Triton is optional. Without it (macOS, Windows, a minimal install) this module still imports:
+``triton.jit`` becomes the identity, so the kernel definitions parse, and the dispatcher
+(``_dispatch.backend_for``) never routes a call to them.
+
+Interpreter rules (``TRITON_INTERPRET=1``, the CPU test mode; see docs/kernels.md):
+
+- bf16 is held as raw uint16 by the interpreter: loads, stores and ``.to()`` are right, but
+  arithmetic on bf16 values is not. Every kernel loads, converts to fp32, computes, and
+  converts back only to store.
+- ``tl.dot`` on bf16 operands multiplies bit patterns under the interpreter
+  (triton-lang/triton#11584), so every product goes through ``dot`` below, which upcasts
+  the operands when ``DOT_F32`` is set (the launchers set it when interpreting). On a GPU
+  bf16 operands go to the tensor cores as they are.
+- ``triton.autotune`` with more than one config needs a GPU to time them; ``autotune`` below
+  gives the interpreter a single small config instead.
+- ``tl.extra.libdevice`` does not exist in the interpreter: only ``tl.exp``, ``tl.log``,
+  ``tl.sigmoid``, ``tl.rsqrt``... are used.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+
+from ._dispatch import interpreting, triton_available
+
+HAS_TRITON = triton_available()
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:  # a stand-in that lets the kernel definitions below and in each op file parse
+    triton = types.SimpleNamespace(
+        jit=lambda fn=None, **kw: fn if fn is not None else (lambda f: f),
+        Config=lambda *a, **kw: None,
+        cdiv=lambda a, b: -(-a // b),
+        next_power_of_2=lambda n: 1 << max(0, (int(n) - 1).bit_length()),
+    )
+    tl = types.SimpleNamespace(constexpr=object)
+
+
+# Usable shared memory per block (the opt-in maximum of the CUDA programming guide, table
+# "Technical Specifications per Compute Capability"): sm_80 (A100) 163 KiB, sm_86/sm_89 99 KiB,
+# sm_90 (H100/H200) 227 KiB. Used when no device can be asked (the AOT compile check).
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+@triton.jit
+def dot(a, b, acc, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation.
+
+    DOT_F32 (interpreter): upcast both operands first, because the interpreter multiplies
+    bf16 bit patterns. PRECISION applies to fp32 operands on a GPU: "ieee" (exact fp32, what
+    torch does by default) or "tf32" (what torch does when ``allow_tf32`` is on).
+    """
+    if DOT_F32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+def dot_options(device: torch.device) -> dict:
+    """The ``DOT_F32`` and ``PRECISION`` constexprs of ``dot`` for a launch on ``device``."""
+    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    return {"DOT_F32": interpreting(), "PRECISION": "tf32" if tf32 else "ieee"}
+
+
+@functools.cache
+def shared_memory_limit(device_index: int) -> int:
+    """Bytes of shared memory one block may use on this CUDA device."""
+    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+
+
+def autotune(configs, key, interpreter_config, shared_bytes=None):
+    """``triton.autotune`` over ``configs`` on a GPU, and over ``[interpreter_config]`` under
+    the interpreter (one config: there is nothing to time, and a small tile exercises the
+    ragged edges of the small test shapes).
+
+    ``shared_bytes(config, named_args)`` is an upper bound of a config's shared memory for
+    these arguments; configs over the device's limit are dropped before timing. The AOT
+    compile check (``_aot.py``) asserts that every config the bound keeps compiles within
+    the limit of sm_80 and sm_90, so the bound is tested, not trusted.
+    """
+    if not HAS_TRITON:
+        return lambda fn: fn
+    if interpreting():
+        return triton.autotune(configs=[interpreter_config], key=key)
+    prune = None
+    if shared_bytes is not None:
+
+        def early_config_prune(configs, named_args, **kwargs):
+            tensor = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
+            limit = shared_memory_limit(tensor.device.index or 0)
+            kept = [c for c in configs if shared_bytes(c, named_args) <= limit]
+            return kept or [min(configs, key=lambda c: shared_bytes(c, named_args))]
+
+        prune = {"early_config_prune": early_config_prune}
+    return triton.autotune(configs=configs, key=key, prune_configs_by=prune)
+
+
+def config_dict(config) -> dict:
+    """A ``triton.Config`` as plain data (for the AOT check and the benchmark records)."""
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}

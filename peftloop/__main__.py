@@ -1,0 +1,5 @@
+import sys
+
+from peftloop.cli import main
+
+sys.exit(main())

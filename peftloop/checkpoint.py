@@ -1,0 +1,330 @@
+"""Files on disk: PEFT-format adapters and the training state for exact resume.
+
+Adapter folder (PEFT's format, loadable by ``peft.PeftModel.from_pretrained``)::
+
+    adapter_config.json          LoraConfig.to_adapter_config()
+    adapter_model.safetensors    base_model.model.<module>.lora_A.weight / .lora_B.weight, metadata {"format": "pt"}
+
+A training checkpoint ``checkpoint-N/`` is an adapter folder plus::
+
+    optimizer.safetensors        every optimizer state tensor, keyed "<param index>.<name>"
+    rng_state.safetensors        torch CPU (and CUDA) generator states, numpy's MT19937 key
+    trainer_state.json           step, epoch, data position, loss sums, scaler, python RNG, param groups
+    manifest.json                size and sha256 of every file above, written last
+
+Nothing goes through pickle. Every folder is written under a temporary name in the same
+parent and renamed into place, so a crash leaves either the old folder or the new one, never
+half of one; a folder without a valid manifest is not a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from peftloop.config import ConfigError, LoraConfig
+from peftloop.inject import adapter_state_dict, inject_lora, load_adapter_state_dict, lora_layers, unload
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MANIFEST = "manifest.json"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or adapter on disk is missing, incomplete or corrupt; the message names the file."""
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic folders
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | Path):
+    """Yield a temporary folder beside ``final``; on success it replaces ``final`` in one rename.
+
+    On any exception the temporary folder is removed and ``final`` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if final.exists():
+            trash = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+            os.rename(final, trash)
+            os.rename(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a folder be fsynced
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file onto the CPU, turning every failure into an error that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Adapters (PEFT's format)
+
+
+def save_adapter(model: nn.Module, directory: str | Path, config: LoraConfig | None = None) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically into ``directory``."""
+    config = config or getattr(model, "lora_config", None)
+    if config is None:
+        raise ValueError("save_adapter: the model has no LoRA config (inject_lora first, or pass config=)")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    if not tensors:
+        raise ValueError("save_adapter: the model has no adapter tensors")
+    with atomic_directory(directory) as tmp:
+        _write_adapter_files(tmp, tensors, config)
+    return Path(directory)
+
+
+def _write_adapter_files(directory: Path, tensors: dict[str, torch.Tensor], config: LoraConfig) -> None:
+    save_file(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    _write_json(directory / ADAPTER_CONFIG, config.to_adapter_config())
+
+
+def read_adapter_config(directory: str | Path) -> LoraConfig:
+    path = Path(directory) / ADAPTER_CONFIG
+    try:
+        return LoraConfig.from_adapter_config(read_json(path), source=str(path))
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load_adapter(model: nn.Module, directory: str | Path, is_trainable: bool = False,
+                 strict: bool = True) -> nn.Module:
+    """Load a PEFT-format adapter (ours or PEFT's) into ``model``.
+
+    A model without adapters gets them injected from the adapter's config first. Every tensor
+    is checked (key and shape) before anything is copied. ``is_trainable=False`` leaves the
+    adapter frozen, as PEFT does for inference.
+    """
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    tensors = read_safetensors(directory / ADAPTER_WEIGHTS)
+    injected_here = False
+    if not lora_layers(model):
+        inject_lora(model, config)
+        injected_here = True
+    try:
+        load_adapter_state_dict(model, tensors, strict=strict, source=str(directory / ADAPTER_WEIGHTS))
+    except Exception:
+        if injected_here:  # leave the model as it was given to us
+            unload(model)
+        raise
+    for p in adapter_state_dict(model).values():
+        p.requires_grad_(is_trainable)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Training checkpoints
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, state: dict[str, Any]) -> Path:
+    """Write a complete ``checkpoint-N`` folder atomically (the adapter, optimizer, RNG and loop state)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    rng_tensors, rng_meta = _rng_state()
+    trainer_state = {**state, "optimizer": opt_meta, "rng": rng_meta, "scaler": scaler.state_dict()}
+    with atomic_directory(path) as tmp:
+        _write_adapter_files(tmp, tensors, model.lora_config)
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        save_file(rng_tensors, tmp / "rng_state.safetensors")
+        _write_json(tmp / "trainer_state.json", trainer_state)
+        _write_manifest(tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler) -> dict[str, Any]:
+    """Restore everything ``save_checkpoint`` wrote; returns the loop state. Verifies the manifest first."""
+    path = Path(path)
+    verify_manifest(path)
+    load_adapter_state_dict(model, read_safetensors(path / ADAPTER_WEIGHTS), source=str(path / ADAPTER_WEIGHTS))
+    trainer_state = read_json(path / "trainer_state.json")
+    _load_optimizer(optimizer, read_safetensors(path / "optimizer.safetensors"), trainer_state["optimizer"], path)
+    if trainer_state["scaler"]:
+        scaler.load_state_dict(trainer_state["scaler"])
+    _set_rng_state(read_safetensors(path / "rng_state.safetensors"), trainer_state["rng"])
+    return trainer_state
+
+
+def _flatten_optimizer(optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, per_param in sd["state"].items():
+        for name, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _load_optimizer(optimizer, tensors, meta, path: Path) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in {**tensors, **meta["scalars"]}.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = meta["param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    current = optimizer.state_dict()["param_groups"]
+    sizes = [len(g["params"]) for g in groups], [len(g["params"]) for g in current]
+    if sizes[0] != sizes[1]:
+        raise CheckpointError(
+            f"{path}/optimizer.safetensors: the checkpoint has parameter groups of sizes {sizes[0]}, the model "
+            f"has {sizes[1]} (different adapter targets or settings?)"
+        )
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    np_state = np.random.get_state()
+    tensors = {"torch_cpu": torch.get_rng_state(), "numpy_key": torch.from_numpy(np_state[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    version, internal, gauss = random.getstate()
+    meta = {"python": [version, list(internal), gauss],
+            "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy_key"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+
+
+# --------------------------------------------------------------------------------------------
+# Manifests, finding and rotating checkpoints
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_manifest(directory: Path) -> None:
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    _write_json(directory / MANIFEST, {"files": files})
+
+
+def verify_manifest(directory: str | Path) -> None:
+    """Raise CheckpointError unless every file listed in the manifest is present with its size and checksum."""
+    directory = Path(directory)
+    manifest = read_json(directory / MANIFEST)
+    for name, expected in manifest.get("files", {}).items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: listed in the manifest but missing")
+        size = path.stat().st_size
+        if size != expected["size"]:
+            raise CheckpointError(f"{path}: {size} bytes, the manifest says {expected['size']}")
+        if _sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{path}: checksum does not match the manifest (corrupted?)")
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Checkpoint folders in ``output_dir`` that have a manifest, oldest step first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for p in output_dir.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir() and (p / MANIFEST).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint whose files match its manifest (a damaged newer one is skipped)."""
+    for path in reversed(list_checkpoints(output_dir)):
+        try:
+            verify_manifest(path)
+            return path
+        except CheckpointError:
+            continue
+    return None
+
+
+def rotate_checkpoints(output_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (called only after a new one is complete)."""
+    if keep <= 0:
+        return
+    for path in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,405 @@
+"""Configuration: dataclasses with a docstring under each field, read from TOML and CLI flags.
+
+``LoraConfig`` is what goes into ``adapter_config.json`` (PEFT's field names and defaults).
+``TrainConfig`` is everything the loop in ``train.py`` reads. Both validate themselves in
+``__post_init__`` and name the offending key when something is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names the key (and the file when known)."""
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA
+
+
+@dataclass
+class LoraConfig:
+    """Which layers get adapters and how. Field names and defaults are PEFT's ``LoraConfig``'s."""
+
+    r: int = 8
+    """Rank of the update B·A. 8-64 is typical; higher ranks rarely help on small data."""
+    lora_alpha: float = 8
+    """Scale numerator: the update is multiplied by lora_alpha / r (rsLoRA: lora_alpha / sqrt(r))."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch's input only (the frozen path sees the raw input). 0.05-0.1 is common."""
+    target_modules: list[str] | str | None = None
+    """Which Linear layers get adapters: a list (each entry an exact module name or a suffix after
+    a dot, e.g. "q_proj"), a string (a regex full-matched against the module name), or
+    "all-linear" (every Linear except the output head)."""
+    exclude_modules: list[str] | str | None = None
+    """Modules never adapted, with the same matching rules as target_modules."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter (a trainable copy), e.g. ["lm_head"]."""
+    bias: str = "none"
+    """Only "none" is supported: biases stay frozen and are not saved."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling lora_alpha / sqrt(r) (Kalajdzievski 2023); helps at high ranks."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (Liu et al. 2024): a trainable magnitude per output row."""
+    init_lora_weights: bool | str = True
+    """True: A kaiming-uniform, B zero (the adapter starts as the identity). "gaussian": A ~ N(0, 1/r).
+    "pissa" / "olora": initialise from the base weight's SVD / QR (the base weight is changed).
+    False: random B too (tests only)."""
+    fan_in_fan_out: bool = False
+    """PEFT's flag for GPT-2's Conv1D layers; peftloop adapts nn.Linear only, so it must be False."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module rank overrides: {regex matched against the end of the module name: r}."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module alpha overrides, matched like rank_pattern."""
+    task_type: str | None = "CAUSAL_LM"
+    """PEFT's task type; "CAUSAL_LM" makes PEFT build a PeftModelForCausalLM on load."""
+    base_model_name_or_path: str | None = None
+    """The base checkpoint the adapter was trained on (hub id or folder), recorded for loaders."""
+
+    def __post_init__(self):
+        _check_types(self, "lora")
+        if self.r <= 0:
+            raise ConfigError(f"lora.r must be a positive integer, got {self.r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.bias != "none":
+            raise ConfigError(f"lora.bias={self.bias!r}: only 'none' is supported (biases stay frozen)")
+        if self.fan_in_fan_out:
+            raise ConfigError("lora.fan_in_fan_out=True: peftloop adapts nn.Linear only (no Conv1D)")
+        inits = (True, False, "gaussian", "pissa", "olora")
+        if self.init_lora_weights not in inits and not str(self.init_lora_weights).startswith("pissa_niter_"):
+            raise ConfigError(f"lora.init_lora_weights={self.init_lora_weights!r}: expected one of {inits}")
+        for key, value in {**self.rank_pattern, **self.alpha_pattern}.items():
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise ConfigError(f"lora rank/alpha pattern {key!r} is not a valid regex: {e}") from None
+
+    def scaling_for(self, module_name: str) -> tuple[int, float]:
+        """(rank, scaling) for one module, after rank_pattern / alpha_pattern (PEFT's matching)."""
+        r = _pattern_value(self.rank_pattern, module_name, self.r)
+        alpha = _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+        return r, alpha / (r**0.5 if self.use_rslora else r)
+
+    # adapter_config.json ------------------------------------------------------------------
+
+    def to_adapter_config(self) -> dict[str, Any]:
+        """The dict written as adapter_config.json: PEFT's keys, loadable by peft.PeftModel."""
+        d = dataclasses.asdict(self)
+        if isinstance(d["target_modules"], (list, tuple)):
+            d["target_modules"] = sorted(d["target_modules"])
+        d.update(peft_type="LORA", inference_mode=True, revision=None, layers_to_transform=None,
+                 layers_pattern=None, lora_bias=False)
+        return dict(sorted(d.items()))
+
+    @classmethod
+    def from_adapter_config(cls, d: dict[str, Any], source: str = "adapter_config.json") -> "LoraConfig":
+        """Read a PEFT adapter_config.json dict. Refuses what would change the math and peftloop
+        does not implement; ignores PEFT bookkeeping keys; warns on keys it has never heard of."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        if d.get("peft_type") != "LORA":
+            raise ConfigError(f"{source}: peft_type={d.get('peft_type')!r}; peftloop loads only 'LORA' adapters")
+        for key, harmless in _PEFT_KEYS_THAT_MUST_BE_DEFAULT.items():
+            if key in d and d[key] not in harmless:
+                raise ConfigError(f"{source}: {key}={d[key]!r} is not supported by peftloop "
+                                  f"(supported: {', '.join(map(repr, harmless))})")
+        ours = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - ours - set(_PEFT_KEYS_THAT_MUST_BE_DEFAULT) - _PEFT_BOOKKEEPING_KEYS
+        if unknown:
+            warnings.warn(f"{source}: ignoring unknown keys {sorted(unknown)}", stacklevel=2)
+        kwargs = {k: v for k, v in d.items() if k in ours}
+        for k in ("rank_pattern", "alpha_pattern"):
+            if kwargs.get(k) is None:
+                kwargs.pop(k, None)
+        try:
+            return cls(**kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+
+# Keys PEFT writes whose non-default values change the forward pass in ways peftloop does not
+# implement: refusing them is better than loading an adapter that silently computes something else.
+_PEFT_KEYS_THAT_MUST_BE_DEFAULT = {
+    "layers_to_transform": (None, []),
+    "layers_pattern": (None, [], ""),
+    "lora_bias": (False,),
+    "use_qalora": (False,),
+    "layer_replication": (None, []),
+    "trainable_token_indices": (None, [], {}),
+    "target_parameters": (None, []),
+    "alora_invocation_tokens": (None, []),
+    "megatron_config": (None,),
+}
+_PEFT_BOOKKEEPING_KEYS = {
+    "peft_type", "inference_mode", "revision", "auto_mapping", "peft_version", "megatron_core",
+    "loftq_config", "eva_config", "corda_config", "qalora_group_size", "ensure_weight_tying",
+    "runtime_config", "arrow_config", "use_bdlora", "lora_ga_config",
+}
+
+
+def _pattern_value(patterns: dict, module_name: str, default):
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module_name):
+            return value
+    return default
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class TrainConfig:
+    """Everything the loop reads. Defaults follow transformers' TrainingArguments where they exist."""
+
+    output_dir: str = "runs/peftloop"
+    """Where checkpoints, the final adapter and log.jsonl go."""
+    seed: int = 42
+    """Seeds python, numpy and torch, the data order and LoRA init."""
+    num_epochs: int = 1
+    """Passes over the training data (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Optimizer steps to run; > 0 overrides num_epochs (the data is cycled as needed)."""
+    micro_batch_size: int = 4
+    """Examples per forward/backward pass. Raise until memory runs out, then use grad_accum."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step. Effective batch = micro_batch_size * grad_accum."""
+    learning_rate: float = 2e-4
+    """Peak learning rate. LoRA typically wants 1e-4..3e-4, 10x a full fine-tune's."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay, applied to matrices only (never to biases, norms, DoRA magnitudes)."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    loraplus_lr_ratio: float = 0.0
+    """LoRA+ (Hayou et al. 2024): lora_B's learning rate = ratio x lora_A's. 0 disables; ~16 suggested."""
+    lr_scheduler: str = "linear"
+    """"constant", "linear" (to 0) or "cosine" (to min_lr_ratio x peak), each after a linear warmup."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to the peak learning rate over this many steps."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of the total steps (used when warmup_steps is 0)."""
+    min_lr_ratio: float = 0.0
+    """Floor of the cosine schedule as a fraction of the peak."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)."""
+    precision: str = "fp32"
+    """"fp32", "bf16" (autocast, no scaler) or "fp16" (autocast + dynamic loss scaling)."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing epsilon (torch's definition)."""
+    shuffle: bool = True
+    """Shuffle the training examples each epoch (seeded by seed + epoch)."""
+    eval_every: int = 0
+    """Evaluate every N optimizer steps (0: only at the end, when eval data is given)."""
+    eval_batch_size: int = 8
+    log_every: int = 1
+    """Log the mean loss of the last N steps to the console and log.jsonl."""
+    progress_bar: bool = True
+    save_every: int = 0
+    """Save a checkpoint-N folder every N optimizer steps (0: never)."""
+    save_each_epoch: bool = False
+    """Also save a checkpoint at the end of each epoch."""
+    save_total_limit: int = 0
+    """Keep only the newest N checkpoints (0: keep all). The oldest is deleted only after the new one is complete."""
+    resume_from_checkpoint: str | bool | None = None
+    """A checkpoint-N folder, or True for the newest complete one in output_dir."""
+    early_stopping_patience: int = 0
+    """Stop when eval_loss has not improved for N evaluations (0: off)."""
+    device: str = "auto"
+    """"auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ..."""
+
+    def __post_init__(self):
+        _check_types(self, "train")
+        positive = ("micro_batch_size", "grad_accum", "eval_batch_size", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_epochs", "warmup_steps", "eval_every", "save_every", "save_total_limit",
+                     "early_stopping_patience", "max_grad_norm", "weight_decay", "loraplus_lr_ratio"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"train.precision={self.precision!r}: expected 'fp32', 'bf16' or 'fp16'")
+        if self.lr_scheduler not in ("constant", "linear", "cosine"):
+            raise ConfigError(f"train.lr_scheduler={self.lr_scheduler!r}: expected 'constant', 'linear' or 'cosine'")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.max_steps <= 0 and self.num_epochs == 0:
+            raise ConfigError("train: set num_epochs >= 1 or max_steps >= 1")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading configs: types, TOML, CLI overrides
+
+
+def _check_types(obj, section: str) -> None:
+    """Coerce ints to floats where a float is declared and refuse anything else of the wrong type."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        ok, coerced = _fits(value, hints[f.name])
+        if not ok:
+            raise ConfigError(f"{section}.{f.name}={value!r}: expected {_type_name(hints[f.name])}")
+        setattr(obj, f.name, coerced)
+
+
+def _fits(value, tp) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for arg in typing.get_args(tp):
+            ok, v = _fits(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, (list, tuple, set)) and all(_fits(v, item)[0] for v in value):
+            return True, list(value)
+        return False, value
+    if origin is dict:
+        return isinstance(value, dict), value
+    return True, value
+
+
+def _type_name(tp) -> str:
+    return str(tp).replace("typing.", "")
+
+
+SECTIONS = ("train", "lora", "model", "data")
+
+
+def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read a TOML config into {section: {key: value}}; unknown sections are an error."""
+    import tomllib
+
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    for section, body in raw.items():
+        if section not in SECTIONS or not isinstance(body, dict):
+            raise ConfigError(f"{path}: unknown section [{section}] (expected one of {', '.join(SECTIONS)})")
+    return raw
+
+
+def build(cls, values: dict[str, Any], section: str, source: str = "config"):
+    """cls(**values), with unknown keys named (and the nearest known key suggested)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            hint = difflib.get_close_matches(key, names, n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(f"{source}: unknown key {section}.{key}{suggestion}")
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def parse_overrides(pairs: list[str], schema: dict[str, type]) -> dict[str, dict[str, Any]]:
+    """Turn ``["--learning_rate", "1e-4", "--lora.r", "16"]`` into {section: {key: value}}.
+
+    A key may be given bare when it is unique across sections, or as ``section.key``.
+    Values are parsed by the declared type of the field (bool: true/false/1/0; lists: comma-separated).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    owners: dict[str, list[str]] = {}
+    for section, cls in schema.items():
+        for f in dataclasses.fields(cls):
+            owners.setdefault(f.name, []).append(section)
+    i = 0
+    while i < len(pairs):
+        flag = pairs[i]
+        if not flag.startswith("--"):
+            raise ConfigError(f"expected --key value, got {flag!r}")
+        key, _, inline = flag[2:].replace("-", "_").partition("=")
+        if inline:
+            value, i = inline, i + 1
+        else:
+            if i + 1 >= len(pairs):
+                raise ConfigError(f"--{key} needs a value")
+            value, i = pairs[i + 1], i + 2
+        if "." in key:
+            section, key = key.split(".", 1)
+            if section not in schema:
+                raise ConfigError(f"--{section}.{key}: unknown section {section!r}")
+        else:
+            sections = owners.get(key, [])
+            if not sections:
+                names = list(owners)
+                hint = difflib.get_close_matches(key, names, n=1)
+                raise ConfigError(f"unknown option --{key}" + (f"; did you mean --{hint[0]}?" if hint else ""))
+            if len(sections) > 1:
+                raise ConfigError(f"--{key} is ambiguous: use one of " + ", ".join(f"--{s}.{key}" for s in sections))
+            section = sections[0]
+        cls = schema[section]
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if key not in fields:
+            raise ConfigError(f"unknown option --{section}.{key}")
+        out.setdefault(section, {})[key] = _parse_value(value, typing.get_type_hints(cls)[key], f"--{key}")
+    return out
+
+
+def _parse_value(text: str, tp, flag: str):
+    """Parse one CLI string by the field's type; unions try the narrowest reading first."""
+    candidates = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, __import__("types").UnionType) else (tp,)
+    lowered = text.strip().lower()
+    for cand in candidates:
+        if cand is type(None) and lowered in ("none", "null"):
+            return None
+        if cand is bool and lowered in ("true", "false", "1", "0", "yes", "no"):
+            return lowered in ("true", "1", "yes")
+        if cand is int:
+            try:
+                return int(text)
+            except ValueError:
+                pass
+        if cand is float:
+            try:
+                return float(text)
+            except ValueError:
+                pass
+        if typing.get_origin(cand) is list:
+            # "q_proj,v_proj" or "q_proj" is a list of names; "all-linear" or ".*proj" stays a string
+            # (a regex for target_modules), as in PEFT.
+            if str not in candidates or re.fullmatch(r"[\w\s,]+", text):
+                return [part.strip() for part in text.split(",") if part.strip()]
+        if typing.get_origin(cand) is dict:
+            import json
+
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{flag}: expected a JSON object, got {text!r} ({e})") from None
+    if str in candidates:
+        return text
+    raise ConfigError(f"{flag}={text!r}: expected {_type_name(tp)}")
