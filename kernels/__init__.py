@@ -3,11 +3,23 @@
 One file per op. Each file holds ``<op>_reference`` (plain torch, the definition of
 correct), the Triton kernel(s) with their launchers, an ``autograd.Function`` whose
 docstring derives the backward pass, and one public function that dispatches
-(see ``_dispatch``): Triton on CUDA tensors, a fast torch path on the CPU.
+(see ``_dispatch``): Triton on CUDA tensors, a fast torch path on the CPU, and the
+reference everywhere under ``PEFTLOOP_KERNELS=reference`` / ``with backend("reference")``.
+
+The model and the LoRA layers call the public functions, so a GPU run uses the kernels
+with no change to user code. See docs/kernels.md for the design of each fusion.
+
+Note: the public functions share their names with their modules (``lora_linear``,
+``rms_norm``, ``swiglu``...), so ``peftloop.kernels.rms_norm`` is the function; import a
+module's other names with ``from peftloop.kernels.rms_norm import rms_norm_reference``.
 """
 
 from ._dispatch import backend, backend_for, get_backend, set_backend, triton_available
-from .lora_linear import lora_linear, lora_linear_reference
+from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from .lora_linear import lora_dropout_mask, lora_linear, lora_linear_reference
+from .rms_norm import rms_norm, rms_norm_reference
+from .rope import apply_rope, apply_rope_reference
+from .swiglu import swiglu, swiglu_reference
 
 __all__ = [
     "backend",
@@ -15,6 +27,15 @@ __all__ = [
     "get_backend",
     "set_backend",
     "triton_available",
+    "apply_rope",
+    "apply_rope_reference",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
+    "lora_dropout_mask",
     "lora_linear",
     "lora_linear_reference",
+    "rms_norm",
+    "rms_norm_reference",
+    "swiglu",
+    "swiglu_reference",
 ]

@@ -11,8 +11,11 @@ Interpreter rules (``TRITON_INTERPRET=1``, the CPU test mode; see docs/kernels.m
   converts back only to store.
 - ``tl.dot`` on bf16 operands multiplies bit patterns under the interpreter
   (triton-lang/triton#11584), so every product goes through ``dot`` below, which upcasts
-  the operands when ``DOT_F32`` is set (the launchers set it when interpreting). On a GPU
-  bf16 operands go to the tensor cores as they are.
+  the operands under the interpreter. On a GPU bf16 operands go to the tensor cores as they are.
+- The interpreter's fp32 -> bf16 conversion truncates (and with ``fp_downcast_rounding="rtne"``
+  it drops the carry into the exponent), where a GPU rounds to nearest even. Every rounding
+  to the storage dtype goes through ``cast`` below, which rounds bf16 by integer arithmetic
+  under the interpreter, so interpreted results round exactly as the GPU's (and torch's) do.
 - ``triton.autotune`` with more than one config needs a GPU to time them; ``autotune`` below
   gives the interpreter a single small config instead.
 - ``tl.extra.libdevice`` does not exist in the interpreter: only ``tl.exp``, ``tl.log``,
@@ -40,7 +43,11 @@ else:  # a stand-in that lets the kernel definitions below and in each op file p
         cdiv=lambda a, b: -(-a // b),
         next_power_of_2=lambda n: 1 << max(0, (int(n) - 1).bit_length()),
     )
-    tl = types.SimpleNamespace(constexpr=object)
+    tl = types.SimpleNamespace(constexpr=lambda value=None: value)
+
+# Read by the jit helpers below as a compile-time constant (False on a GPU, so the
+# interpreter-only branches vanish from the compiled kernels).
+INTERPRETER = tl.constexpr(interpreting())
 
 
 # Usable shared memory per block (the opt-in maximum of the CUDA programming guide, table
@@ -50,24 +57,37 @@ SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1
 
 
 @triton.jit
-def dot(a, b, acc, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+def dot(a, b, acc, PRECISION: tl.constexpr):
     """``acc + a @ b`` with fp32 accumulation.
 
-    DOT_F32 (interpreter): upcast both operands first, because the interpreter multiplies
-    bf16 bit patterns. PRECISION applies to fp32 operands on a GPU: "ieee" (exact fp32, what
-    torch does by default) or "tf32" (what torch does when ``allow_tf32`` is on).
+    Under the interpreter both operands are upcast first (it multiplies bf16 bit patterns).
+    PRECISION applies to fp32 operands on a GPU: "ieee" (exact fp32, what torch does by
+    default) or "tf32" (what torch does when ``allow_tf32`` is on).
     """
-    if DOT_F32:
+    if INTERPRETER:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return acc
 
 
+@triton.jit
+def cast(x, dtype: tl.constexpr):
+    """``x.to(dtype)``, rounding fp32 -> bf16 to nearest even under the interpreter too."""
+    if INTERPRETER and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)  # NaN stays a (quiet) NaN
+        out = rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = x.to(dtype)
+    return out
+
+
 def dot_options(device: torch.device) -> dict:
-    """The ``DOT_F32`` and ``PRECISION`` constexprs of ``dot`` for a launch on ``device``."""
+    """The ``PRECISION`` constexpr of ``dot`` for a launch on ``device``."""
     tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
-    return {"DOT_F32": interpreting(), "PRECISION": "tf32" if tf32 else "ieee"}
+    return {"PRECISION": "tf32" if tf32 else "ieee"}
 
 
 @functools.cache
@@ -94,13 +114,19 @@ def autotune(configs, key, interpreter_config, shared_bytes=None):
     if shared_bytes is not None:
 
         def early_config_prune(configs, named_args, **kwargs):
-            tensor = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
+            args = {**named_args, **kwargs}  # positional arguments and constexpr keywords
+            tensor = next(v for v in args.values() if isinstance(v, torch.Tensor))
             limit = shared_memory_limit(tensor.device.index or 0)
-            kept = [c for c in configs if shared_bytes(c, named_args) <= limit]
-            return kept or [min(configs, key=lambda c: shared_bytes(c, named_args))]
+            return prune_configs(configs, args, shared_bytes, limit)
 
         prune = {"early_config_prune": early_config_prune}
     return triton.autotune(configs=configs, key=key, prune_configs_by=prune)
+
+
+def prune_configs(configs, args, shared_bytes, limit):
+    """The configs whose shared-memory bound fits ``limit`` (the smallest one if none does)."""
+    kept = [c for c in configs if shared_bytes(c, args) <= limit]
+    return kept or [min(configs, key=lambda c: shared_bytes(c, args))]
 
 
 def config_dict(config) -> dict:

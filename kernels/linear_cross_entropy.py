@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import autocast_dtype, backend_for, interpreting
-from ._triton_utils import tl, triton
+from ._triton_utils import cast, tl, triton
 
 # Vocabulary columns per step of the CE kernel's loops. 4096 fp32 per program is Liger's
 # order (MAX_FUSED_SIZE 65536 // 2 bf16 elements caps it); 32 under the interpreter, so
@@ -97,7 +97,7 @@ def _ce_chunk_kernel(logits_ptr, labels_ptr, loss_ptr, stride_logits, vocab, ign
             z = tl.load(logits_ptr + v0 + cols, mask=mask, other=0.0).to(tl.float32)
             grad = tl.exp(z - lse) - eps_v - tl.where(v0 + cols == label, 1.0 - label_smoothing, 0.0)
             grad = tl.where(valid, grad, 0.0)
-            tl.store(logits_ptr + v0 + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+            tl.store(logits_ptr + v0 + cols, cast(grad, logits_ptr.dtype.element_ty), mask=mask)
 
 
 def _ce_chunk_triton(logits, labels, ignore_index, label_smoothing, write_grad):

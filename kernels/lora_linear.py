@@ -8,14 +8,27 @@ Implementations (see ``_dispatch``):
   computes no dW either, but it keeps ``dropout(x)`` and recomputes nothing clever.
 - ``LoRALinearFunction``: the torch fast path. Saves x (shared with whoever else saved it),
   a 1-byte dropout mask and ``x·Aᵀ`` (``[N, r]``, tiny), and reuses ``x·Aᵀ`` for dB.
+- ``LoRALinearTritonFunction``: three kernels. The forward is one kernel: each output tile
+  accumulates x·Wᵀ and dropout(x)·Aᵀ over the same loads of x, then adds s·(x·Aᵀ)·Bᵀ and
+  the bias in its epilogue. The backward's dx is one kernel of the same shape
+  (dy·W and dy·B share the loads of dy, then s·((dy·B)·A)⊙mask/(1-p) in the epilogue);
+  dA is a third kernel, dB one cuBLAS call. The dropout mask is never stored: it is a pure
+  function ``tl.rand(seed, row·in + col) >= p`` of the element's index, so the forward, the
+  backward, every tile and any tiling regenerate the same mask from one integer seed.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import backend_for
+from ._dispatch import autocast_dtype, backend_for, interpreting
+from ._triton_utils import autotune, cast, dot, dot_options, tl, triton
+
+logger = logging.getLogger(__name__)
 
 
 def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, dropout_mask=None):
@@ -83,25 +96,416 @@ class LoRALinearFunction(torch.autograd.Function):
         return grad_x, None, None, grad_A, grad_B, None, None, None
 
 
-def dropout_mask_like(x: torch.Tensor, p: float) -> torch.Tensor:
+# ---------------------------------------------------------------------------------------
+# Triton kernels.
+#
+# Names follow a plain matmul C[M, N] = Σ_K: for the forward M = rows of x, N = out
+# features, K = in features; for dx, N = in features and K = out features (dx = dy·W).
+# R is the LoRA rank, padded to BLOCK_R >= 16 (tl.dot's smallest dimension) with zeros.
+# ---------------------------------------------------------------------------------------
+
+# Autotuned on a GPU. 128x128x64 in 3 stages is the usual Hopper/Ampere bf16 GEMM tile; the
+# others cover skinny outputs and fp32 (whose tiles take twice the shared memory; configs
+# over the device's limit are pruned, see _triton_utils.autotune).
+MM_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+]
+# Under the interpreter: the smallest tile tl.dot takes, so the test shapes (tens of rows
+# and features) span several tiles in every direction, with ragged last ones.
+MM_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2},
+                                      num_warps=4, num_stages=1)
+# dA = (dy·B)ᵀ·dropout(x): output [R, in] tiles of BLOCK_N columns, reduction over rows.
+DA_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+]
+DA_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
+MAX_RANK = 128  # BLOCK_R rides along every tile; above this the torch path runs instead
+DA_PROGRAMS_PER_SM = 2
+
+
+def _mm_shared_bytes(config, args) -> int:
+    """Upper bound of a LoRA matmul kernel's shared memory: ``num_stages`` copies of one
+    K-step's tiles (x or dy, W, the rank-wide A or B tile, the 1-byte mask) plus the
+    epilogue's rank-wide operands. Checked against the compiled kernels by ``_aot.py``."""
+    kw, es, br = config.kwargs, args["x_ptr"].element_size(), args["BLOCK_R"]
+    step = (kw["BLOCK_M"] + kw["BLOCK_N"] + br) * kw["BLOCK_K"] * es + kw["BLOCK_M"] * kw["BLOCK_K"]
+    return config.num_stages * step + (br * kw["BLOCK_N"] + kw["BLOCK_M"] * br) * es
+
+
+def _da_shared_bytes(config, args) -> int:
+    kw, es, br = config.kwargs, args["x_ptr"].element_size(), args["BLOCK_R"]
+    step = (br + kw["BLOCK_N"]) * kw["BLOCK_M"] * es + kw["BLOCK_M"] * kw["BLOCK_N"]
+    return config.num_stages * step
+
+
+@triton.jit
+def _keep(seed, rows, cols, n_cols, dropout_p, mask_ptr, stride_mm, stride_mk, in_bounds,
+          DROPOUT: tl.constexpr):
+    """The dropout keep-mask of the [rows, cols] tile: from the seed (DROPOUT=1) or a stored
+    mask (DROPOUT=2). The random number of element (m, k) depends on m·n_cols + k only."""
+    if DROPOUT == 1:
+        offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+        keep = tl.rand(seed, offsets) >= dropout_p
+    else:
+        m = tl.load(mask_ptr + rows[:, None].to(tl.int64) * stride_mm + cols[None, :] * stride_mk,
+                    mask=in_bounds, other=0)
+        keep = m != 0
+    return keep
+
+
+@triton.jit
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile coordinates in GROUP_M-row bands, so consecutive programs reuse the same
+    columns of W while they are in L2 (the ordering of Triton's matmul tutorial)."""
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    group_size = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_size
+    pid_n = (pid % width) // group_size
+    return pid_m, pid_n
+
+
+@autotune(MM_CONFIGS, key=["M", "N", "K", "R"], interpreter_config=MM_INTERPRETER_CONFIG,
+          shared_bytes=_mm_shared_bytes)
+@triton.jit
+def _lora_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, mask_ptr, y_ptr, u_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_mm, stride_mk, stride_ym, stride_yn, stride_um, stride_ur,
+    scaling, dropout_p, keep_scale, seed,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y = x·Wᵀ + s·(dropout(x)·Aᵀ)·Bᵀ + b for one [BLOCK_M, BLOCK_N] tile of y; the tiles of
+    the first column also write u = dropout(x)·Aᵀ (needed for dB)."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    dtype = x_ptr.dtype.element_ty
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+    w_cols = w_ptr + rn[None, :].to(tl.int64) * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x_mask = (rm[:, None] < M) & (rk[None, :] < K)
+        x = tl.load(x_rows + rk[None, :] * stride_xk, mask=x_mask, other=0.0)
+        w = tl.load(w_cols + rk[:, None] * stride_wk, mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        acc = dot(x, w, acc, PRECISION)
+        if DROPOUT != 0:
+            keep = _keep(seed, rm, rk, K, dropout_p, mask_ptr, stride_mm, stride_mk, x_mask, DROPOUT)
+            x = cast(tl.where(keep, x.to(tl.float32) * keep_scale, 0.0), dtype)
+        a = tl.load(a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak,
+                    mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
+        xa = dot(x, a, xa, PRECISION)
+    u = cast(xa, dtype)  # rounded to the compute dtype, as the reference's x·Aᵀ is
+    if pid_n == 0:
+        tl.store(u_ptr + rm[:, None] * stride_um + rr[None, :] * stride_ur, u,
+                 mask=(rm[:, None] < M) & (rr[None, :] < R))
+    b = tl.load(b_ptr + rr[:, None] * stride_br + rn[None, :] * stride_bn,
+                mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
+    acc += scaling * dot(u, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :] * stride_yn, cast(acc, dtype),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@autotune(MM_CONFIGS, key=["M", "N", "K", "R"], interpreter_config=MM_INTERPRETER_CONFIG,
+          shared_bytes=_mm_shared_bytes)
+@triton.jit
+def _lora_dx_kernel(
+    x_ptr, w_ptr, a_ptr, b_ptr, mask_ptr, dx_ptr, gb_ptr,
+    M, N, K, R,
+    stride_gm, stride_gk, stride_wk, stride_wn, stride_ar, stride_an, stride_bk, stride_br,
+    stride_mm, stride_mn, stride_dm, stride_dn, stride_gbm, stride_gbr,
+    scaling, dropout_p, keep_scale, seed,
+    HAS_DX: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """dx = dy·W + s·((dy·B)·A) ⊙ mask/(1-p) for one [BLOCK_M, BLOCK_N] tile of dx.
+
+    x_ptr is dy ([M, K] with K = out features; named x_ptr so the shared-memory bound and
+    the autotuner read its dtype like the forward's). N = in features. The tiles of the
+    first column also write gb = dy·B (unscaled, [M, R]) for dA. HAS_DX=False (x needs no
+    gradient): only gb, one column of tiles, no dy·W."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    dtype = x_ptr.dtype.element_ty
+    g_rows = x_ptr + rm[:, None].to(tl.int64) * stride_gm
+    w_cols = w_ptr + rn[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    gb = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        g = tl.load(g_rows + rk[None, :] * stride_gk, mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        if HAS_DX:
+            w = tl.load(w_cols + rk[:, None].to(tl.int64) * stride_wk,
+                        mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
+            acc = dot(g, w, acc, PRECISION)
+        b = tl.load(b_ptr + rk[:, None] * stride_bk + rr[None, :] * stride_br,
+                    mask=(rk[:, None] < K) & (rr[None, :] < R), other=0.0)
+        gb = dot(g, b, gb, PRECISION)
+    gb_c = cast(gb, dtype)
+    if pid_n == 0:
+        tl.store(gb_ptr + rm[:, None] * stride_gbm + rr[None, :] * stride_gbr, gb_c,
+                 mask=(rm[:, None] < M) & (rr[None, :] < R))
+    if HAS_DX:
+        a = tl.load(a_ptr + rr[:, None] * stride_ar + rn[None, :] * stride_an,
+                    mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
+        lora = scaling * dot(gb_c, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PRECISION)
+        out_mask = (rm[:, None] < M) & (rn[None, :] < N)
+        if DROPOUT != 0:
+            keep = _keep(seed, rm, rn, N, dropout_p, mask_ptr, stride_mm, stride_mn, out_mask, DROPOUT)
+            lora = tl.where(keep, lora * keep_scale, 0.0)
+        acc += lora
+        tl.store(dx_ptr + rm[:, None].to(tl.int64) * stride_dm + rn[None, :] * stride_dn, cast(acc, dtype),
+                 mask=out_mask)
+
+
+@autotune(DA_CONFIGS, key=["M", "K", "R"], interpreter_config=DA_INTERPRETER_CONFIG,
+          shared_bytes=_da_shared_bytes)
+@triton.jit
+def _lora_da_kernel(
+    gb_ptr, x_ptr, mask_ptr, da_ptr,
+    M, K, R, rows_per_split,
+    stride_gbm, stride_gbr, stride_xm, stride_xk, stride_mm, stride_mk,
+    dropout_p, keep_scale, seed,
+    DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One split's partial (dy·B)ᵀ·dropout(x) over its rows, for BLOCK_N columns of A.
+
+    Program (n, s) writes da[s, :, n-tile] in fp32; the host sums the splits (no atomics,
+    so the result is deterministic)."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    dtype = x_ptr.dtype.element_ty
+    m_start = pid_s * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        gbt = tl.load(gb_ptr + rm[None, :].to(tl.int64) * stride_gbm + rr[:, None] * stride_gbr,
+                      mask=(rm[None, :] < m_end) & (rr[:, None] < R), other=0.0)
+        x_mask = (rm[:, None] < m_end) & (rn[None, :] < K)
+        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rn[None, :] * stride_xk, mask=x_mask,
+                    other=0.0)
+        if DROPOUT != 0:
+            keep = _keep(seed, rm, rn, K, dropout_p, mask_ptr, stride_mm, stride_mk, x_mask, DROPOUT)
+            x = cast(tl.where(keep, x.to(tl.float32) * keep_scale, 0.0), dtype)
+        acc = dot(gbt, x, acc, PRECISION)
+    tl.store(da_ptr + pid_s * R * K + rr[:, None] * K + rn[None, :], acc,
+             mask=(rr[:, None] < R) & (rn[None, :] < K))
+
+
+@triton.jit
+def _dropout_mask_kernel(mask_ptr, M, K, seed, dropout_p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = _keep(seed, rm, rk, K, dropout_p, mask_ptr, 0, 0, None, 1)
+    tl.store(mask_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], keep.to(tl.uint8),
+             mask=(rm[:, None] < M) & (rk[None, :] < K))
+
+
+def lora_dropout_mask(shape, dropout_p: float, seed: int, device) -> torch.Tensor:
+    """The keep-mask (bool, ``shape``) that the Triton path draws for ``seed``: element
+    (row, col) of x viewed as ``[rows, in]`` is kept when ``rand(seed, row·in + col) >= p``.
+    Lets the reference and the torch path reproduce a Triton run exactly."""
+    shape = tuple(shape)
+    rows, cols = (int(torch.tensor(shape[:-1]).prod()) if len(shape) > 1 else 1), shape[-1]
+    mask = torch.empty((rows, cols), dtype=torch.uint8, device=device)
+    if mask.numel():
+        _dropout_mask_kernel[(triton.cdiv(rows, 32), triton.cdiv(cols, 32))](
+            mask, rows, cols, seed, dropout_p, BLOCK_M=32, BLOCK_K=32)
+    return mask.view(torch.bool).reshape(shape)
+
+
+def _rank_block(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _da_splits(m: int, k: int, device: torch.device) -> int:
+    if interpreting():
+        return max(1, min(2, triton.cdiv(m, 16)))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(m, 128), triton.cdiv(DA_PROGRAMS_PER_SM * sms, triton.cdiv(k, 64))))
+
+
+def _mask_args(mask2):
+    """(pointer, row stride, col stride) of a stored mask; a dummy when the seed is used."""
+    if mask2 is None:
+        return None, 0, 0
+    m8 = mask2.view(torch.uint8)
+    return m8, m8.stride(0), m8.stride(1)
+
+
+def _lora_forward_triton(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, mode, seed, mask2):
+    M, K = x2.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    u = torch.empty((M, R), dtype=x2.dtype, device=x2.device)
+    if M == 0:
+        return y, u
+    m8, smm, smk = _mask_args(mask2)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _lora_fwd_kernel[grid](
+        x2, weight, bias, lora_A, lora_B, m8, y, u, M, N, K, R,
+        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+        lora_B.stride(0), lora_B.stride(1), smm, smk, y.stride(0), y.stride(1), u.stride(0), u.stride(1),
+        scaling, dropout_p, 1.0 / (1.0 - dropout_p), seed,
+        HAS_BIAS=bias is not None, DROPOUT=mode, BLOCK_R=_rank_block(R), **dot_options(x2.device),
+    )
+    return y, u
+
+
+def _lora_backward_triton(g, x2, weight, lora_A, lora_B, scaling, dropout_p, mode, seed, mask2, needs):
+    need_dx, need_dA, need_dB = needs
+    M, N = g.shape  # N: out features
+    K, R = weight.shape[1], lora_A.shape[0]
+    m8, smm, smk = _mask_args(mask2)
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    opts = dict(BLOCK_R=_rank_block(R), **dot_options(g.device))
+    dx = torch.empty((M, K), dtype=g.dtype, device=g.device) if need_dx else None
+    gb = torch.empty((M, R), dtype=g.dtype, device=g.device)
+    if need_dx or need_dA:
+        # Without dx only gb = dy·B is wanted: one column of tiles computes it.
+        n_cols = K if need_dx else 1
+        dx_strides = dx.stride() if need_dx else (0, 0)
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_cols, meta["BLOCK_N"]),)  # noqa: E731
+        _lora_dx_kernel[grid](
+            g, weight, lora_A, lora_B, m8, dx, gb, M, K, N, R,
+            g.stride(0), g.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+            lora_B.stride(0), lora_B.stride(1), smm, smk, *dx_strides, gb.stride(0), gb.stride(1),
+            scaling, dropout_p, keep_scale, seed, HAS_DX=need_dx, DROPOUT=mode, **opts,
+        )
+    dA = dB = None
+    if need_dA:
+        splits = _da_splits(M, K, g.device)
+        partial = torch.empty((splits, R, K), dtype=torch.float32, device=g.device)
+        rows_per_split = triton.cdiv(M, splits)
+        grid = lambda meta: (triton.cdiv(K, meta["BLOCK_N"]), splits)  # noqa: E731
+        _lora_da_kernel[grid](
+            gb, x2, m8, partial, M, K, R, rows_per_split, gb.stride(0), gb.stride(1), x2.stride(0), x2.stride(1),
+            smm, smk, dropout_p, keep_scale, seed, DROPOUT=mode, **opts,
+        )
+        dA = partial.sum(0).mul_(scaling).to(lora_A.dtype)
+    return dx, dA, gb
+
+
+class LoRALinearTritonFunction(torch.autograd.Function):
+    r"""The LoRA linear layer on the Triton kernels; the same math as ``LoRALinearFunction``.
+
+    Forward (one kernel), with M = Bernoulli keep-mask regenerated from ``seed``:
+
+        u = (x ⊙ M/(1 − p)) · Aᵀ          accumulated next to x·Wᵀ over the same tiles of x
+        y = x · Wᵀ + b + s · u · Bᵀ       the rank-r product in the tile's epilogue
+
+    Backward, with g = dL/dy:
+
+        gB    = g · B                                       [N, r]  (shares the loads of g with g·W)
+        dL/dx = g · W + s · (gB · A) ⊙ M/(1 − p)           one kernel, mask regenerated per tile
+        dL/dA = s · gBᵀ · (x ⊙ M/(1 − p))                  kernel, mask regenerated again
+        dL/dB = s · gᵀ · u                                  cuBLAS; u saved by the forward
+
+    Saved: x, u ([N, r]) and the seed (an int), never the mask; no dL/dW, W is frozen.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask, seed):
+        x2 = x.reshape(-1, x.shape[-1])
+        mode = 0 if dropout_p == 0.0 else 2 if dropout_mask is not None else 1
+        mask2 = None if dropout_mask is None else dropout_mask.reshape(x2.shape)
+        y, u = _lora_forward_triton(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, mode, seed, mask2)
+        ctx.save_for_backward(x2, weight, lora_A, lora_B, u, mask2)
+        ctx.scaling, ctx.dropout_p, ctx.mode, ctx.seed, ctx.x_shape = scaling, dropout_p, mode, seed, x.shape
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, weight, lora_A, lora_B, u, mask2 = ctx.saved_tensors
+        g = grad_y.reshape(-1, weight.shape[0])
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
+        dx, dA, _ = _lora_backward_triton(g, x2, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.mode,
+                                          ctx.seed, mask2, needs)
+        dB = (g.t() @ u).mul_(ctx.scaling) if needs[2] else None
+        dx = None if dx is None else dx.reshape(ctx.x_shape)
+        return dx, None, None, dA, dB, None, None, None, None
+
+
+def _triton_ineligible(x, weight, bias, lora_A, lora_B, dropout_mask) -> str | None:
+    """Why the Triton path cannot run this call (None when it can)."""
+    tensors = [x, weight, lora_A, lora_B] + ([] if bias is None else [bias])
+    if len({t.dtype for t in tensors}) != 1:
+        return "x, W, b, A and B do not share one dtype"
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {x.dtype} is not supported by the kernels"
+    if lora_A.shape[0] > MAX_RANK:
+        return f"rank {lora_A.shape[0]} > {MAX_RANK}"
+    return None
+
+
+@functools.cache
+def _log_fallback(reason: str) -> None:
+    logger.warning("lora_linear: running the torch path instead of Triton: %s", reason)
+
+
+def dropout_mask_like(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """A keep-mask of x's shape: True with probability 1 - p."""
-    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p, generator=generator)
 
 
-def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, dropout_mask=None):
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, dropout_mask=None, seed=None):
     """``x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`` with W (and b) frozen: no gradient is computed for them.
 
-    All tensors must share one dtype (the caller casts; see ``peftloop.lora.LoRALinear``).
-    With ``dropout_p > 0`` pass ``dropout_mask`` (bool, x's shape) to fix the mask, or leave it
-    None to draw one from torch's RNG.
+    All tensors must share one dtype (the caller casts; see ``peftloop.lora.LoRALinear``);
+    under autocast they are cast to the autocast dtype here, as ``F.linear`` would.
+    With ``dropout_p > 0``: pass ``dropout_mask`` (bool, x's shape) to fix the mask on every
+    path. Without one, the Triton path draws the mask from ``seed`` inside the kernels (an
+    int; drawn from torch's CPU generator when None, so ``torch.manual_seed`` reproduces it;
+    ``lora_dropout_mask`` rebuilds it), and the torch paths draw a bool mask from torch's RNG.
     """
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("lora_linear: the base weight and bias must be frozen (requires_grad=False)")
-    if dropout_p > 0.0 and dropout_mask is None:
-        dropout_mask = dropout_mask_like(x, dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"lora_linear: dropout_p={dropout_p} must lie in [0, 1)")
     if dropout_p == 0.0:
         dropout_mask = None
+    elif dropout_mask is not None and dropout_mask.shape != x.shape:
+        raise ValueError(f"lora_linear: dropout_mask {tuple(dropout_mask.shape)} != x {tuple(x.shape)}")
     impl = backend_for(x)
+    dtype = autocast_dtype(x)
+    if dtype is not None and impl != "reference":
+        x, weight, lora_A, lora_B = x.to(dtype), weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    if impl == "triton":
+        reason = _triton_ineligible(x, weight, bias, lora_A, lora_B, dropout_mask)
+        if reason is None:
+            if dropout_p > 0.0 and dropout_mask is None and seed is None:
+                seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+            with torch.autocast(x.device.type, enabled=False):
+                return LoRALinearTritonFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
+                                                      dropout_mask, 0 if seed is None else seed)
+        _log_fallback(reason)
+        impl = "torch"
+    if dropout_p > 0.0 and dropout_mask is None:
+        generator = None if seed is None else torch.Generator(x.device).manual_seed(seed)
+        dropout_mask = dropout_mask_like(x, dropout_p, generator)
     if impl == "reference":
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask)
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask)
+    with torch.autocast(x.device.type, enabled=False):
+        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask)

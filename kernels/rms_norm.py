@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import backend_for, interpreting
-from ._triton_utils import tl, triton
+from ._triton_utils import cast, tl, triton
 
 # Rows per backward program are chosen so that there are about this many programs per SM:
 # enough to fill the GPU, few enough that the [programs, H] fp32 partial-dW buffer stays
@@ -55,8 +55,8 @@ def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, stride_x, stride
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     # HF rounds the normalised row to x's dtype before the weight multiplies it.
-    normed = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=mask)
+    normed = cast(x * rstd, x_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, cast(w * normed, y_ptr.dtype.element_ty), mask=mask)
     tl.store(rstd_ptr + row, rstd)
 
 
@@ -83,9 +83,9 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
         normed = x * rstd
         dn = dy * w
         dx = rstd * (dn - normed * (tl.sum(dn * normed, axis=0) / n_cols))
-        tl.store(dx_ptr + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + cols, cast(dx, dx_ptr.dtype.element_ty), mask=mask)
         if HAS_DW:
-            dw += dy * normed.to(x_ptr.dtype.element_ty).to(tl.float32)
+            dw += dy * cast(normed, x_ptr.dtype.element_ty).to(tl.float32)
         dy_ptr += stride_dy
         x_ptr += stride_x
         dx_ptr += stride_dx

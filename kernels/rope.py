@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import backend_for, interpreting
-from ._triton_utils import tl, triton
+from ._triton_utils import cast, tl, triton
 
 # Heads per step of a program's loop. All heads of a position at once on a GPU (Llama-8B:
 # 32 q heads x 64 half-dims = 2048 elements per operand, comfortably in registers); 2 under
@@ -84,8 +84,8 @@ def _rope_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, seq_len, n_heads, half,
         else:
             o1 = x1 * c1[None, :] - x2 * s1[None, :]
             o2 = x2 * c2[None, :] + x1 * s2[None, :]
-        tl.store(o1_ptrs, o1.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(o1_ptrs + half * so_d, o2.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(o1_ptrs, cast(o1, out_ptr.dtype.element_ty), mask=mask)
+        tl.store(o1_ptrs + half * so_d, cast(o2, out_ptr.dtype.element_ty), mask=mask)
 
 
 def _rope_triton(x, cos, sin, out_dtype, backward: bool) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import backend_for, interpreting
-from ._triton_utils import tl, triton
+from ._triton_utils import cast, tl, triton
 
 # Columns per program. 1024 is the block Liger and Unsloth settled on for this memory-bound
 # op (4 warps x 32 lanes x 8 elements). Under the interpreter, 32 makes the small test
@@ -47,7 +47,7 @@ def _swiglu_fwd_kernel(gate_ptr, up_ptr, out_ptr, n_cols, stride_gate, stride_up
     g = tl.load(gate_ptr + row * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + row * stride_up + cols, mask=mask, other=0.0).to(tl.float32)
     out = g * tl.sigmoid(g) * u
-    tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * stride_out + cols, cast(out, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -62,8 +62,8 @@ def _swiglu_bwd_kernel(grad_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n_cols, s
     sig = tl.sigmoid(g)
     dup = dy * g * sig
     dgate = dy * u * sig * (1.0 + g * (1.0 - sig))
-    tl.store(dgate_ptr + row * stride_dgate + cols, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
-    tl.store(dup_ptr + row * stride_dup + cols, dup.to(dup_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgate_ptr + row * stride_dgate + cols, cast(dgate, dgate_ptr.dtype.element_ty), mask=mask)
+    tl.store(dup_ptr + row * stride_dup + cols, cast(dup, dup_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,89 @@
+"""apply_rope: q and k rotations and their gradients against ``apply_rope_reference`` (HF)."""
+
+import pytest
+import torch
+
+from peftloop.kernels import apply_rope
+from peftloop.kernels.rope import apply_rope_reference
+
+from tolerances import assert_close
+from kernel_utils import DEVICE, DTYPES, IMPLS, assert_grads_close, fp32_copy, grads, randn, run
+
+
+def _cos_sin(batch, seq, dim, dtype, seed=0):
+    """HF's tables: cos/sin of cat(freqs, freqs), position-dependent per batch row."""
+    angles = randn(batch, seq, dim // 2, scale=3.0, seed=seed)
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _check(impl, q, k, cos, sin, dtype):
+    q_rot, k_rot = run(impl, apply_rope, q, k, cos, sin)
+    ref_dtypes = [t.dtype for t in apply_rope_reference(q.detach(), k.detach(), cos, sin)]
+    assert [q_rot.dtype, k_rot.dtype] == ref_dtypes
+    got = grads((q_rot, k_rot), [q, k], dtype)
+    q32, k32 = fp32_copy(q), fp32_copy(k)
+    ref_q, ref_k = apply_rope_reference(q32, k32, cos.float(), sin.float())
+    expected = grads((ref_q, ref_k), [q32, k32], dtype)
+    assert_close(q_rot, ref_q, dtype, "q rotated")
+    assert_close(k_rot, ref_k, dtype, "k rotated")
+    assert_grads_close(got, expected, dtype, ["q", "k"])
+    return q_rot
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_on_transposed_views(impl, dtype):
+    """The model's layout: [B, T, H, D] projections viewed as [B, H, T, D]; GQA (3 q heads, 1 kv head)."""
+    B, T, H, H_kv, D = 2, 4, 3, 1, 12
+    q = randn(B, T, H, D, dtype=dtype, seed=1).transpose(1, 2).requires_grad_()
+    k = randn(B, T, H_kv, D, dtype=dtype, seed=2).transpose(1, 2).requires_grad_()
+    cos, sin = _cos_sin(B, T, D, dtype)
+    q_rot = _check(impl, q, k, cos, sin, dtype)
+    assert q_rot.stride() == q.stride()  # the result keeps the input's layout
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_contiguous_broadcast_tables(impl, dtype):
+    """Contiguous q/k, one table for the whole batch ([1, T, D]), 4 q heads and 2 kv heads."""
+    B, T, H, H_kv, D = 2, 3, 4, 2, 8
+    q = randn(B, H, T, D, dtype=dtype, seed=3, requires_grad=True)
+    k = randn(B, H_kv, T, D, dtype=dtype, seed=4, requires_grad=True)
+    cos, sin = _cos_sin(1, T, D, dtype, seed=5)
+    _check(impl, q, k, cos, sin, dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rope_unequal_halves_and_2d_tables(impl):
+    """Nothing assumes cos = cat(f, f): arbitrary tables, given as [T, D]."""
+    B, T, H, D = 1, 3, 2, 6
+    q = randn(B, H, T, D, seed=6, requires_grad=True)
+    k = randn(B, H, T, D, seed=7, requires_grad=True)
+    cos, sin = randn(T, D, seed=8), randn(T, D, seed=9)
+    _check(impl, q, k, cos, sin, torch.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rope_only_q_needs_grad(impl):
+    q = randn(1, 2, 3, 4, seed=10, requires_grad=True)
+    k = randn(1, 1, 3, 4, seed=11)
+    cos, sin = _cos_sin(1, 3, 4, torch.float32)
+    _check(impl, q, k, cos, sin, torch.float32)
+
+
+def test_rope_tables_with_grad_take_the_reference_path():
+    q, k = randn(1, 2, 3, 4, seed=12, requires_grad=True), randn(1, 2, 3, 4, seed=13)
+    cos = randn(1, 3, 4, seed=14, requires_grad=True)
+    sin = randn(1, 3, 4, seed=15)
+    q_rot, _ = apply_rope(q, k, cos, sin)
+    (dcos,) = torch.autograd.grad(q_rot.sum(), [cos])
+    ref_cos = cos.detach().clone().requires_grad_()
+    (ref_dcos,) = torch.autograd.grad(apply_rope_reference(q, k, ref_cos, sin)[0].sum(), [ref_cos])
+    assert_close(dcos, ref_dcos, torch.float32, "d cos")
+
+
+def test_rope_rejects_bad_shapes():
+    q = torch.zeros(1, 2, 3, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="expected q"):
+        apply_rope(q, q, torch.zeros(3, 5, device=DEVICE), torch.zeros(3, 5, device=DEVICE))
