@@ -114,6 +114,7 @@ class LoraConfig:
                                   f"(supported: {', '.join(map(repr, harmless))})")
         ours = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - ours - set(_PEFT_KEYS_THAT_MUST_BE_DEFAULT) - _PEFT_BOOKKEEPING_KEYS
+        unknown = {k for k in unknown if d[k] not in (None, False, {}, [], "")}  # unset options of newer PEFTs
         if unknown:
             warnings.warn(f"{source}: ignoring unknown keys {sorted(unknown)}", stacklevel=2)
         kwargs = {k: v for k, v in d.items() if k in ours}
@@ -287,6 +288,8 @@ def _fits(value, tp) -> tuple[bool, Any]:
 
 
 def _type_name(tp) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
     return str(tp).replace("typing.", "")
 
 
