@@ -217,6 +217,9 @@ class TrainConfig:
     """Stop when eval_loss has not improved for N evaluations (0: off)."""
     device: str = "auto"
     """"auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ..."""
+    strategy: str = "auto"
+    """Under torchrun: "ddp" (replicate the model), "fsdp" (FSDP2: shard it per decoder layer), or
+    "auto" (ddp when WORLD_SIZE > 1). "none" refuses to run under torchrun with more than one process."""
 
     def __post_init__(self):
         _check_types(self, "train")
@@ -238,6 +241,8 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.strategy not in ("auto", "none", "ddp", "fsdp"):
+            raise ConfigError(f"train.strategy={self.strategy!r}: expected 'auto', 'none', 'ddp' or 'fsdp'")
         if self.max_steps <= 0 and self.num_epochs == 0:
             raise ConfigError("train: set num_epochs >= 1 or max_steps >= 1")
 
