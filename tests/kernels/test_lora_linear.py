@@ -110,6 +110,7 @@ def test_lora_dropout_mask_is_a_function_of_the_seed():
 @needs_triton
 def test_lora_triton_seed_drawn_from_torch_rng():
     x, weight, b, lora_A, lora_B = _layer(torch.float32, seed=20)
+    x = x[:1]  # one row tile is enough here
     torch.manual_seed(3)
     y1 = run("triton", lora_linear, x, weight, b, lora_A, lora_B, SCALING, dropout_p=0.5)
     torch.manual_seed(3)

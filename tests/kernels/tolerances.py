@@ -59,3 +59,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
             f"{err.max().item():.3g} at scale {scale:.3g} (atol {tol.atol} x scale, rtol {tol.rtol}); "
             f"first at {list(i)}: {a[i].item():.6g} vs {e[i].item():.6g}"
         )
+
+
+def assert_no_less_accurate(actual: torch.Tensor, reference: torch.Tensor, exact: torch.Tensor,
+                            what: str = "", factor: float = 2.0) -> None:
+    """For results of many low-precision ops (a whole model step in bf16), whose rounding
+    error compounds layer after layer: ``actual`` (the kernels) may be no further from the
+    fp32 result ``exact`` than ``factor`` times the error of ``reference`` (the reference
+    ops in the same low precision). The yardstick is the reference's own error, not a
+    fixed tolerance; the kernels round once per fused op where the reference rounds per op."""
+    a, r, e = (t.detach().double().cpu() for t in (actual, reference, exact))
+    err, ref_err = (a - e).abs().max().item(), (r - e).abs().max().item()
+    assert err <= factor * ref_err + 1e-6 * max(1.0, e.abs().max().item()), (
+        f"{what}: error {err:.3g} against fp32 > {factor} x the reference's own error {ref_err:.3g}"
+    )
