@@ -7,8 +7,8 @@ Adapter folder (PEFT's format, loadable by ``peft.PeftModel.from_pretrained``)::
 
 A training checkpoint ``checkpoint-N/`` is an adapter folder plus::
 
-    optimizer.safetensors        every optimizer state tensor, keyed "<param index>.<name>"
-    rng_state.safetensors        torch CPU (and CUDA) generator states, numpy's MT19937 key
+    optimizer.safetensors        every optimizer state tensor, keyed "<parameter name>/<state name>"
+    rng_state.safetensors        per rank: torch CPU (and CUDA) generator states, numpy's MT19937 key
     trainer_state.json           step, epoch, data position, loss sums, scaler, python RNG, param groups
     manifest.json                size and sha256 of every file above, written last
 
@@ -132,6 +132,11 @@ def save_adapter(model: nn.Module, directory: str | Path, config: LoraConfig | N
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     if not tensors:
         raise ValueError("save_adapter: the model has no adapter tensors")
+    return write_adapter(directory, tensors, config)
+
+
+def write_adapter(directory: str | Path, tensors: dict[str, torch.Tensor], config: LoraConfig) -> Path:
+    """Write already-gathered adapter tensors (PEFT keys, CPU) and their config, atomically."""
     with atomic_directory(directory) as tmp:
         _write_adapter_files(tmp, tensors, config)
     return Path(directory)
@@ -180,15 +185,24 @@ def load_adapter(model: nn.Module, directory: str | Path, is_trainable: bool = F
 # Training checkpoints
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, state: dict[str, Any]) -> Path:
-    """Write a complete ``checkpoint-N`` folder atomically (the adapter, optimizer, RNG and loop state)."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
-    rng_tensors, rng_meta = _rng_state()
-    trainer_state = {**state, "optimizer": opt_meta, "rng": rng_meta, "scaler": scaler.state_dict()}
+def save_checkpoint(path: str | Path, *, adapter: dict[str, torch.Tensor], lora_config: LoraConfig,
+                    optimizer_state: dict[str, Any], rng_states: list[tuple[dict, dict]],
+                    trainer_state: dict[str, Any]) -> Path:
+    """Write a complete ``checkpoint-N`` folder atomically.
+
+    ``adapter``: full CPU tensors under PEFT's keys. ``optimizer_state``: a full optimizer state
+    dict keyed by parameter name (``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``
+    with ``full_state_dict=True``), so it loads under any world size. ``rng_states``: one
+    ``rng_state()`` per rank.
+    """
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
+    rng_tensors, rng_meta = {}, []
+    for rank, (tensors, meta) in enumerate(rng_states):
+        rng_tensors.update({f"rank{rank}/{k}": v for k, v in tensors.items()})
+        rng_meta.append(meta)
+    trainer_state = {**trainer_state, "optimizer": opt_meta, "rng": rng_meta}
     with atomic_directory(path) as tmp:
-        _write_adapter_files(tmp, tensors, model.lora_config)
+        _write_adapter_files(tmp, adapter, lora_config)
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         save_file(rng_tensors, tmp / "rng_state.safetensors")
         _write_json(tmp / "trainer_state.json", trainer_state)
@@ -196,53 +210,53 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     return Path(path)
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler) -> dict[str, Any]:
-    """Restore everything ``save_checkpoint`` wrote; returns the loop state. Verifies the manifest first."""
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read what ``save_checkpoint`` wrote, after verifying the manifest. Returns a dict with
+    ``adapter``, ``optimizer_state``, ``rng_states`` (one per saved rank) and ``trainer_state``."""
     path = Path(path)
     verify_manifest(path)
-    load_adapter_state_dict(model, read_safetensors(path / ADAPTER_WEIGHTS), source=str(path / ADAPTER_WEIGHTS))
     trainer_state = read_json(path / "trainer_state.json")
-    _load_optimizer(optimizer, read_safetensors(path / "optimizer.safetensors"), trainer_state["optimizer"], path)
-    if trainer_state["scaler"]:
-        scaler.load_state_dict(trainer_state["scaler"])
-    _set_rng_state(read_safetensors(path / "rng_state.safetensors"), trainer_state["rng"])
-    return trainer_state
+    try:
+        opt_meta, rng_meta = trainer_state.pop("optimizer"), trainer_state.pop("rng")
+        optimizer_state = _unflatten_optimizer(read_safetensors(path / "optimizer.safetensors"), opt_meta)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}/trainer_state.json: malformed optimizer or RNG record ({e!r})") from None
+    rng_tensors = read_safetensors(path / "rng_state.safetensors")
+    rng_states = []
+    for rank, meta in enumerate(rng_meta):
+        prefix = f"rank{rank}/"
+        rng_states.append(({k[len(prefix):]: v for k, v in rng_tensors.items() if k.startswith(prefix)}, meta))
+    return {"adapter": read_safetensors(path / ADAPTER_WEIGHTS), "optimizer_state": optimizer_state,
+            "rng_states": rng_states, "trainer_state": trainer_state}
 
 
-def _flatten_optimizer(optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = optimizer.state_dict()
+def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors to safetensors ("<param name>/<state name>"), everything else to JSON."""
     tensors, scalars = {}, {}
-    for index, per_param in sd["state"].items():
+    for param, per_param in sd.get("state", {}).items():
         for name, value in per_param.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{name}"] = value.detach().to("cpu").contiguous()
+                tensors[f"{param}/{name}"] = value.detach().to("cpu").contiguous()
             else:
-                scalars[f"{index}.{name}"] = value
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+                scalars[f"{param}/{name}"] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd.get("param_groups", [])]
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def _load_optimizer(optimizer, tensors, meta, path: Path) -> None:
-    state: dict[int, dict[str, Any]] = {}
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[str, dict[str, Any]] = {}
     for key, value in {**tensors, **meta["scalars"]}.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    groups = meta["param_groups"]
+        param, name = key.rsplit("/", 1)
+        state.setdefault(param, {})[name] = value
+    groups = [dict(g) for g in meta["param_groups"]]
     for g in groups:
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
-    current = optimizer.state_dict()["param_groups"]
-    sizes = [len(g["params"]) for g in groups], [len(g["params"]) for g in current]
-    if sizes[0] != sizes[1]:
-        raise CheckpointError(
-            f"{path}/optimizer.safetensors: the checkpoint has parameter groups of sizes {sizes[0]}, the model "
-            f"has {sizes[1]} (different adapter targets or settings?)"
-        )
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
 
 
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This process's generator states: tensors for safetensors, the rest JSON-able."""
     np_state = np.random.get_state()
     tensors = {"torch_cpu": torch.get_rng_state(), "numpy_key": torch.from_numpy(np_state[1].astype(np.int64))}
     if torch.cuda.is_available():
@@ -254,7 +268,7 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, meta
 
 
-def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     version, internal, gauss = meta["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, pos, has_gauss, cached = meta["numpy"]

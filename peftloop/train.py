@@ -17,6 +17,10 @@ Phases, in the order they run:
   5. bookkeeping  log, evaluate, save a checkpoint, stop early; callbacks watch, never change the math
   6. the end      final evaluation, the adapter in PEFT's format in output_dir/adapter
 
+Under torchrun the same function runs on every rank (``distributed.py``): each rank takes its
+slice of every global micro-batch, the token count is summed over ranks before the division, and
+logging and saving happen on rank 0.
+
 The model is any ``nn.Module`` with adapters injected. peftloop's own models return the summed
 token loss from ``model(input_ids, labels=...)`` (fused, chunked head + loss); any other model
 (a transformers one, say) returns logits and the loss is computed here.
@@ -39,10 +43,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from peftloop import checkpoint
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+
+from peftloop import checkpoint, distributed
 from peftloop.callbacks import Callback, EarlyStopping, JsonlLogger
 from peftloop.config import TrainConfig
 from peftloop.data import IGNORE_INDEX, collate, input_tokens, label_tokens, micro_batches, num_micro_batches
+from peftloop.inject import adapter_state_dict, load_adapter_state_dict
 from peftloop.optim import build_optimizer
 from peftloop.schedule import lr_at, warmup_steps_for
 
@@ -55,8 +62,9 @@ class TrainState:
     """Optimizer steps taken."""
     epoch: int = 0
     """The epoch the next micro-batch comes from."""
-    batch_in_epoch: int = 0
-    """Micro-batches of that epoch already consumed."""
+    examples_in_epoch: int = 0
+    """Examples of that epoch already consumed, over all ranks (so resuming under another world
+    size finds the same place)."""
     loss_sum: float = 0.0
     """Sum of the step losses so far (for the mean training loss)."""
     tokens_seen: int = 0
@@ -65,6 +73,8 @@ class TrainState:
     best_metric: float | None = None
     evals_without_improvement: int = 0
     should_stop: bool = field(default=False, metadata={"saved": False})
+    is_main_process: bool = field(default=True, metadata={"saved": False})
+    """False on every torchrun rank but 0: callbacks that write files should check it."""
 
 
 @dataclass
@@ -86,10 +96,11 @@ def train(
     config = config or TrainConfig()
     output_dir = Path(config.output_dir)
 
-    # ---- 1. set-up: device, seeds, precision -------------------------------------------------
-    device = resolve_device(config.device)
+    # ---- 1. set-up: device, processes, seeds, precision ---------------------------------------
+    dist_, device = distributed.setup(config.strategy, resolve_device(config.device))
     model.to(device)
-    seed_everything(config.seed)
+    # Ranks draw different dropout masks; the data order is seeded separately (data.epoch_order).
+    seed_everything(config.seed + dist_.rank)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
 
     def autocast():
@@ -101,7 +112,10 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
 
     # ---- 2. plan: how many optimizer steps -------------------------------------------------
-    batches_per_epoch = num_micro_batches(train_data, config.micro_batch_size)
+    # A global micro-batch is micro_batch_size examples per rank; rank r collates its slice.
+    global_micro_batch = config.micro_batch_size * dist_.world_size
+    rank_collate = _rank_slice(collate_fn, dist_.rank, config.micro_batch_size)
+    batches_per_epoch = num_micro_batches(train_data, global_micro_batch)
     if config.max_steps > 0:
         total_steps = config.max_steps
     elif batches_per_epoch is None:
@@ -115,20 +129,37 @@ def train(
         return lr_at(step, peak_lr=config.learning_rate, total_steps=total_steps, warmup_steps=warmup,
                      kind=config.lr_scheduler, min_lr_ratio=config.min_lr_ratio)
 
-    # ---- 3. optimizer, callbacks, resume -----------------------------------------------------
+    # ---- 3. resume, wrap, optimizer ------------------------------------------------------------
+    lora_config = model.lora_config
+    # Rank 0 reads the checkpoint; the adapter goes in before wrapping (wrap() hands rank 0's
+    # tensors to every rank). A failure is shared, so no rank is left waiting in a collective.
+    resume_path, saved, error = None, None, None
+    if dist_.is_main:
+        try:
+            resume_path = _resume_path(config)
+            if resume_path is not None:
+                saved = checkpoint.load_checkpoint(resume_path)
+                load_adapter_state_dict(model, saved["adapter"], source=str(resume_path))
+        except Exception as e:
+            error = e
+    resume_path, error_text = distributed.broadcast_object((resume_path, error and f"{type(error).__name__}: {error}"), dist_)
+    if error is not None:
+        raise error
+    if error_text:
+        raise RuntimeError(f"rank 0 could not resume: {error_text}")
+    model = distributed.wrap(model, dist_, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, config)
-    state = TrainState()
-    resume_path = _resume_path(config)
+    state = TrainState(is_main_process=dist_.is_main)
     if resume_path is not None:
-        saved = checkpoint.load_checkpoint(resume_path, model, optimizer, scaler)
-        state = TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState)
-                              if f.metadata.get("saved", True)})
-        print(f"peftloop: resumed from {resume_path} at step {state.global_step}")
+        state = _restore(state, saved, model, optimizer, scaler, dist_, resume_path)
+        if dist_.is_main:
+            print(f"peftloop: resumed from {resume_path} at step {state.global_step}")
 
-    callbacks = [JsonlLogger(output_dir / "log.jsonl"), *callbacks]
+    if dist_.is_main:
+        callbacks = [JsonlLogger(output_dir / "log.jsonl"), *callbacks]
     if config.early_stopping_patience:
-        callbacks.append(EarlyStopping(config.early_stopping_patience))
+        callbacks = [*callbacks, EarlyStopping(config.early_stopping_patience)]
     for cb in callbacks:
         cb.on_train_begin(state)
 
@@ -137,57 +168,77 @@ def train(
         """Mean token loss over the whole eval set (no label smoothing) and its perplexity."""
         model.eval()
         loss_total, tokens = 0.0, 0
-        for batch in micro_batches(eval_data, config.eval_batch_size, collate_fn=collate_fn):
+        eval_collate = _rank_slice(collate_fn, dist_.rank, config.eval_batch_size)
+        for batch in micro_batches(eval_data, config.eval_batch_size * dist_.world_size, collate_fn=eval_collate):
             batch = _to_device(batch, device)
             with autocast():
                 loss_total += float(summed_token_loss(model, batch))
             tokens += label_tokens(batch)
         model.train()
+        loss_total = distributed.all_reduce_sum(loss_total, dist_, device)
+        tokens = int(distributed.all_reduce_sum(tokens, dist_, device))
         eval_loss = loss_total / max(tokens, 1)
         return {"step": state.global_step, "eval_loss": eval_loss,
                 "eval_perplexity": math.exp(min(eval_loss, 700.0)), "eval_tokens": tokens}
 
-    def save(reason: str) -> None:
+    def save() -> None:
+        # Gathering is collective (FSDP2 shards, per-rank RNG); writing is rank 0's alone.
         path = output_dir / f"checkpoint-{state.global_step}"
-        checkpoint.save_checkpoint(path, model, optimizer, scaler, _saved_state(state, config))
-        checkpoint.rotate_checkpoints(output_dir, config.save_total_limit)
+        adapter = _gather_adapter(model)
+        optimizer_state = get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        rng_states = distributed.gather_objects(checkpoint.rng_state(), dist_)
+        if dist_.is_main:
+            trainer_state = {**_saved_state(state, config), "scaler": scaler.state_dict(),
+                             "world_size": dist_.world_size, "micro_batch_size": config.micro_batch_size}
+            checkpoint.save_checkpoint(path, adapter=adapter, lora_config=lora_config,
+                                       optimizer_state=optimizer_state, rng_states=rng_states,
+                                       trainer_state=trainer_state)
+            checkpoint.rotate_checkpoints(output_dir, config.save_total_limit)
+        distributed.barrier(dist_)
         for cb in callbacks:
             cb.on_save(state, path)
 
     # ---- 4. the loop ----------------------------------------------------------------------
     model.train()
-    windows = accumulation_windows(train_data, config, state, collate_fn)
-    progress = tqdm(total=total_steps, initial=state.global_step, disable=not config.progress_bar,
+    windows = accumulation_windows(train_data, config, state, rank_collate, global_micro_batch)
+    progress = tqdm(total=total_steps, initial=state.global_step, disable=not (config.progress_bar and dist_.is_main),
                     dynamic_ncols=True, desc="train")
     last_eval: dict[str, float] = {}
     losses_since_log, tokens_since_log, time_of_log = [], 0, time.perf_counter()
     start_time, start_step = time.perf_counter(), state.global_step
 
     while state.global_step < total_steps and not state.should_stop:
-        window, next_epoch, next_batch, epoch_ended = next(windows)
+        window, next_epoch, next_example, epoch_ended = next(windows)
 
         # a. learning rate of this step (LoRA+ groups carry their own multiplier)
         lr = learning_rate(state.global_step)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
 
-        # b. the loss normaliser: label tokens in the whole window, not per micro-batch, so that
-        #    k micro-batches of b examples give the same gradient as one batch of k*b examples.
-        tokens_in_window = sum(label_tokens(b) for b in window)
+        # b. the loss normaliser: label tokens in the whole window, over all ranks, not per
+        #    micro-batch: k micro-batches of b examples then give the gradient of one batch of k*b.
+        tokens_in_window = distributed.all_reduce_sum(sum(label_tokens(b) for b in window), dist_, device)
+        # DDP and FSDP average gradients over ranks; multiplying by the world size turns that
+        # average back into the sum, so the step's gradient is that of the global token mean.
+        loss_scale = dist_.world_size / max(tokens_in_window, 1)
 
-        # c. forward + backward for each micro-batch; gradients add up across the window
+        # c. forward + backward for each micro-batch; gradients add up across the window and
+        #    are reduced across ranks only after the last one
         window_loss = torch.zeros((), device=device)
-        for batch in window:
+        for i, batch in enumerate(window):
             batch = _to_device(batch, device)
-            with autocast():
-                loss = summed_token_loss(model, batch, config.label_smoothing) / max(tokens_in_window, 1)
-            scaler.scale(loss).backward()
-            window_loss += loss.detach().float()
+            with distributed.no_gradient_sync(model, skip=i < len(window) - 1):
+                with autocast():
+                    summed = summed_token_loss(model, batch, config.label_smoothing)
+                scaler.scale(summed * loss_scale).backward()
+            window_loss += summed.detach().float() / max(tokens_in_window, 1)
             tokens_since_log += input_tokens(batch)
 
         # d. unscale -> clip -> step -> zero. clip_grad_norm_ returns the norm *before* clipping.
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or float("inf"))
+        grad_norm = distributed.full_tensor(
+            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or float("inf")))
         for cb in callbacks:
             cb.on_before_optimizer_step(state, model)
         scale_before = scaler.get_scale()
@@ -197,11 +248,11 @@ def train(
         optimizer.zero_grad(set_to_none=True)
 
         # ---- 5. bookkeeping --------------------------------------------------------------
-        step_loss = float(window_loss)
+        step_loss = distributed.all_reduce_sum(float(window_loss), dist_, device)
         state.global_step += 1
-        state.epoch, state.batch_in_epoch = next_epoch, next_batch
+        state.epoch, state.examples_in_epoch = next_epoch, next_example
         state.loss_sum += step_loss
-        state.tokens_seen += tokens_in_window
+        state.tokens_seen += int(tokens_in_window)
         state.skipped_steps += int(step_skipped)
         losses_since_log.append(step_loss)
         metrics = {"step": state.global_step, "loss": step_loss, "grad_norm": float(grad_norm), "lr": lr,
@@ -212,11 +263,12 @@ def train(
 
         if state.global_step % config.log_every == 0 or state.global_step == total_steps:
             elapsed = time.perf_counter() - time_of_log
-            logs = {"step": state.global_step, "epoch": _epoch_progress(state, batches_per_epoch),
+            tokens_since_log = distributed.all_reduce_sum(tokens_since_log, dist_, device)
+            logs = {"step": state.global_step, "epoch": _epoch_progress(state, train_data),
                     "loss": sum(losses_since_log) / len(losses_since_log), "grad_norm": float(grad_norm),
                     "lr": lr, "tokens_per_s": tokens_since_log / max(elapsed, 1e-9)}
             progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{logs['tokens_per_s']:.0f}")
-            if not config.progress_bar:
+            if not config.progress_bar and dist_.is_main:
                 print(" ".join(f"{k}={_fmt(v)}" for k, v in logs.items()), flush=True)
             for cb in callbacks:
                 cb.on_log(state, logs)
@@ -224,13 +276,16 @@ def train(
 
         if eval_data is not None and config.eval_every and state.global_step % config.eval_every == 0:
             last_eval = evaluate()
-            progress.write(f"step {state.global_step}: eval_loss {last_eval['eval_loss']:.4f}")
+            if dist_.is_main:
+                progress.write(f"step {state.global_step}: eval_loss {last_eval['eval_loss']:.4f}")
             for cb in callbacks:
                 cb.on_evaluate(state, last_eval)
 
         if (config.save_every and state.global_step % config.save_every == 0) or \
                 (config.save_each_epoch and epoch_ended):
-            save("interval")
+            save()
+        # every rank stops together, whichever rank's callback asked
+        state.should_stop = distributed.any_rank(state.should_stop, dist_, device)
 
     progress.close()
 
@@ -240,7 +295,10 @@ def train(
         last_eval = evaluate()
         for cb in callbacks:
             cb.on_evaluate(state, last_eval)
-    checkpoint.save_adapter(model, output_dir / "adapter")
+    adapter = _gather_adapter(model)
+    if dist_.is_main:
+        checkpoint.write_adapter(output_dir / "adapter", adapter, lora_config)
+    distributed.barrier(dist_)
     for cb in callbacks:
         cb.on_train_end(state)
     steps_this_run = state.global_step - start_step
@@ -271,28 +329,46 @@ def summed_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], label_sm
                            ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing)
 
 
-def accumulation_windows(train_data, config: TrainConfig, state: TrainState, collate_fn):
-    """Yield (micro-batches of one step, epoch after it, micro-batch index after it, epoch ended?)
-    forever, starting at the state's data position. Epochs follow each other; each has its own
-    seeded order, so resuming needs only (epoch, micro-batch index)."""
-    epoch, skip = state.epoch, state.batch_in_epoch
+def accumulation_windows(train_data, config: TrainConfig, state: TrainState, collate_fn, global_micro_batch: int):
+    """Yield (this rank's micro-batches of one step, epoch after it, examples of that epoch consumed
+    after it, epoch ended?) forever, starting at the state's data position. Each epoch has its own
+    seeded order, so resuming needs only (epoch, examples consumed)."""
+    epoch, consumed = state.epoch, state.examples_in_epoch
+    if consumed % global_micro_batch:
+        raise ValueError(
+            f"resume: the checkpoint stopped after {consumed} examples of epoch {epoch}, which is not a whole "
+            f"number of global micro-batches of {global_micro_batch} (micro_batch_size x world size); "
+            f"pick sizes that divide it")
     while True:
-        batches = micro_batches(train_data, config.micro_batch_size, epoch=epoch, seed=config.seed,
+        batches = micro_batches(train_data, global_micro_batch, epoch=epoch, seed=config.seed,
                                 shuffle=config.shuffle, collate_fn=collate_fn)
-        batches = itertools.islice(batches, skip, None)
-        position = skip
+        batches = itertools.islice(batches, consumed // global_micro_batch, None)
         window = list(itertools.islice(batches, config.grad_accum))
-        if not window and position == 0:
+        if not window and consumed == 0:
             raise ValueError("train: the training data is empty")
         while window:
-            position += len(window)
+            consumed += sum(b.pop("_examples") for b in window)
             following = list(itertools.islice(batches, config.grad_accum))
             if following:
-                yield window, epoch, position, False
+                yield window, epoch, consumed, False
             else:
                 yield window, epoch + 1, 0, True
             window = following
-        epoch, skip = epoch + 1, 0
+        epoch, consumed = epoch + 1, 0
+
+
+def _rank_slice(collate_fn, rank: int, per_rank: int):
+    """A collate function that takes this rank's share of a global micro-batch. A rank whose share
+    is empty (the ragged end of an epoch) gets one padding token with no label: it must still run
+    forward and backward, or the collectives of the other ranks would wait for it forever."""
+
+    def collate_share(examples):
+        share = examples[rank * per_rank:(rank + 1) * per_rank]
+        batch = collate_fn(share) if share else collate_fn([{"input_ids": [0], "labels": [IGNORE_INDEX]}])
+        batch["_examples"] = len(examples)  # global count, for the data position
+        return batch
+
+    return collate_share
 
 
 def resolve_device(name: str) -> torch.device:
@@ -326,13 +402,41 @@ def _saved_state(state: TrainState, config: TrainConfig) -> dict[str, Any]:
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
 
 
-def _epoch_progress(state: TrainState, batches_per_epoch: int | None) -> float:
-    if not batches_per_epoch:
+def _epoch_progress(state: TrainState, train_data) -> float:
+    if not hasattr(train_data, "__len__") or not len(train_data):
         return float(state.epoch)
-    return round(state.epoch + state.batch_in_epoch / batches_per_epoch, 4)
+    return round(state.epoch + state.examples_in_epoch / len(train_data), 4)
+
+
+def _gather_adapter(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter as whole CPU tensors under PEFT's keys (a collective under FSDP2)."""
+    inner = distributed.unwrap(model)
+    return {k: distributed.full_tensor(v).detach().to("cpu").contiguous() for k, v in adapter_state_dict(inner).items()}
+
+
+def _restore(state: TrainState, saved, model, optimizer, scaler, dist_, path: Path) -> TrainState:
+    """Everything but the adapter (already loaded) from a checkpoint read on rank 0."""
+    try:
+        set_optimizer_state_dict(
+            model, optimizer, saved["optimizer_state"] if dist_.is_main else {},
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist_.enabled))
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise checkpoint.CheckpointError(
+            f"{path}/optimizer.safetensors does not fit this model's trainable parameters ({e})") from None
+    trainer_state = distributed.broadcast_object(saved["trainer_state"] if dist_.is_main else None, dist_)
+    if trainer_state["scaler"]:
+        scaler.load_state_dict(trainer_state["scaler"])
+    rng_states = saved["rng_states"] if dist_.is_main else None
+    if dist_.enabled and dist_.is_main:  # one per current rank; ranks the checkpoint did not have reseed
+        rng_states = [rng_states[r] if r < len(rng_states) else None for r in range(dist_.world_size)]
+    mine = distributed.scatter_objects(rng_states, dist_) if dist_.enabled else rng_states[0]
+    if mine is not None:
+        checkpoint.set_rng_state(*mine)
+    fields = {f.name: trainer_state[f.name] for f in dataclasses.fields(TrainState) if f.metadata.get("saved", True)}
+    return TrainState(**fields, is_main_process=state.is_main_process)
 
 
 def _fmt(v) -> str:
