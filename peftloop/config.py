@@ -217,6 +217,12 @@ class TrainConfig:
     """Stop when eval_loss has not improved for N evaluations (0: off)."""
     device: str = "auto"
     """"auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ..."""
+    nan_policy: str = "skip"
+    """A step whose loss or gradient norm is NaN/inf (fp32/bf16; fp16 has the scaler): "skip" it
+    (no update, counted and logged) or "stop" with the step number and the first bad parameter."""
+    on_save_error: str = "stop"
+    """A checkpoint that cannot be written (disk full, ...): "stop" cleanly with the error, or
+    "continue" training and try again at the next save. The previous checkpoint is intact either way."""
     strategy: str = "auto"
     """Under torchrun: "ddp" (replicate the model), "fsdp" (FSDP2: shard it per decoder layer), or
     "auto" (ddp when WORLD_SIZE > 1). "none" refuses to run under torchrun with more than one process."""
@@ -241,6 +247,10 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.nan_policy not in ("skip", "stop"):
+            raise ConfigError(f"train.nan_policy={self.nan_policy!r}: expected 'skip' or 'stop'")
+        if self.on_save_error not in ("stop", "continue"):
+            raise ConfigError(f"train.on_save_error={self.on_save_error!r}: expected 'stop' or 'continue'")
         if self.strategy not in ("auto", "none", "ddp", "fsdp"):
             raise ConfigError(f"train.strategy={self.strategy!r}: expected 'auto', 'none', 'ddp' or 'fsdp'")
         if self.max_steps <= 0 and self.num_epochs == 0:
