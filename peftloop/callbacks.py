@@ -62,8 +62,13 @@ class JsonlLogger(Callback):
         self._write(metrics)
 
     def _write(self, record):
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk must not kill the run over a log line
+            if not getattr(self, "_warned", False):
+                print(f"peftloop: cannot append to {self.path}: {e}; logging to the file stops")
+                self._warned = True
 
 
 def _step_of(line: str) -> int:

@@ -79,6 +79,23 @@ def atomic_directory(final: str | Path):
         raise
 
 
+def recover_interrupted_writes(parent: str | Path) -> None:
+    """Clean up after a crash inside ``atomic_directory``: temporary folders are deleted, and a
+    folder caught between "old moved aside" and "new moved in" gets its old version back."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return
+    for path in parent.iterdir():
+        m = re.match(r"^\.(tmp|old)-(.+)-[0-9a-f]{8}$", path.name)
+        if not m or not path.is_dir():
+            continue
+        original = parent / m.group(2)
+        if m.group(1) == "old" and not original.exists():
+            os.rename(path, original)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _fsync_tree(directory: Path) -> None:
     for path in directory.iterdir():
         if path.is_file():
@@ -100,13 +117,21 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+MAX_JSON_BYTES = 64 << 20  # configs and states are kilobytes; a bigger "config" is not one
+
+
 def read_json(path: Path) -> Any:
+    path = Path(path)
     try:
-        return json.loads(Path(path).read_text())
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes is too large for a JSON config")
+        return json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -142,8 +167,16 @@ def write_adapter(directory: str | Path, tensors: dict[str, torch.Tensor], confi
     return Path(directory)
 
 
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with its I/O failures (a full disk) raised as OSError like every other write."""
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as e:
+        raise OSError(f"{path}: {e}") from None
+
+
 def _write_adapter_files(directory: Path, tensors: dict[str, torch.Tensor], config: LoraConfig) -> None:
-    save_file(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    _save_tensors(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     _write_json(directory / ADAPTER_CONFIG, config.to_adapter_config())
 
 
@@ -203,8 +236,8 @@ def save_checkpoint(path: str | Path, *, adapter: dict[str, torch.Tensor], lora_
     trainer_state = {**trainer_state, "optimizer": opt_meta, "rng": rng_meta}
     with atomic_directory(path) as tmp:
         _write_adapter_files(tmp, adapter, lora_config)
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
-        save_file(rng_tensors, tmp / "rng_state.safetensors")
+        _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+        _save_tensors(rng_tensors, tmp / "rng_state.safetensors")
         _write_json(tmp / "trainer_state.json", trainer_state)
         _write_manifest(tmp)
     return Path(path)
@@ -301,7 +334,15 @@ def verify_manifest(directory: str | Path) -> None:
     """Raise CheckpointError unless every file listed in the manifest is present with its size and checksum."""
     directory = Path(directory)
     manifest = read_json(directory / MANIFEST)
-    for name, expected in manifest.get("files", {}).items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{directory / MANIFEST}: no 'files' table")
+    for name, expected in files.items():
+        # a manifest names files *in* its folder: never a path that could point elsewhere
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise CheckpointError(f"{directory / MANIFEST}: refusing file name {name!r} (not a plain file name)")
+        if not isinstance(expected, dict) or not {"size", "sha256"} <= set(expected):
+            raise CheckpointError(f"{directory / MANIFEST}: entry {name!r} has no size and sha256")
         path = directory / name
         if not path.is_file():
             raise CheckpointError(f"{path}: listed in the manifest but missing")

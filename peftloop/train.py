@@ -69,12 +69,18 @@ class TrainState:
     """Sum of the step losses so far (for the mean training loss)."""
     tokens_seen: int = 0
     skipped_steps: int = 0
-    """Steps the fp16 scaler skipped because a gradient was inf/NaN."""
+    """Steps whose update was skipped: the fp16 scaler found inf/NaN, or nan_policy="skip" did."""
+    nonfinite_steps: int = 0
+    """Of those, the steps skipped by nan_policy (a NaN/inf loss or gradient in fp32/bf16)."""
     best_metric: float | None = None
     evals_without_improvement: int = 0
     should_stop: bool = field(default=False, metadata={"saved": False})
     is_main_process: bool = field(default=True, metadata={"saved": False})
     """False on every torchrun rank but 0: callbacks that write files should check it."""
+
+
+class NonFiniteError(RuntimeError):
+    """A loss, gradient or adapter tensor became NaN/inf (nan_policy="stop", or before a save)."""
 
 
 @dataclass
@@ -135,6 +141,7 @@ def train(
     # tensors to every rank). A failure is shared, so no rank is left waiting in a collective.
     resume_path, saved, error = None, None, None
     if dist_.is_main:
+        checkpoint.recover_interrupted_writes(output_dir)
         try:
             resume_path = _resume_path(config)
             if resume_path is not None:
@@ -185,17 +192,31 @@ def train(
         # Gathering is collective (FSDP2 shards, per-rank RNG); writing is rank 0's alone.
         path = output_dir / f"checkpoint-{state.global_step}"
         adapter = _gather_adapter(model)
+        bad = next((k for k, v in adapter.items() if not bool(torch.isfinite(v).all())), None)
+        if bad is not None:  # a NaN never reaches a checkpoint
+            raise NonFiniteError(f"step {state.global_step}: not saving {path.name}: {bad} has NaN/inf values")
         optimizer_state = get_optimizer_state_dict(
             model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         rng_states = distributed.gather_objects(checkpoint.rng_state(), dist_)
+        error = None
         if dist_.is_main:
             trainer_state = {**_saved_state(state, config), "scaler": scaler.state_dict(),
                              "world_size": dist_.world_size, "micro_batch_size": config.micro_batch_size}
-            checkpoint.save_checkpoint(path, adapter=adapter, lora_config=lora_config,
-                                       optimizer_state=optimizer_state, rng_states=rng_states,
-                                       trainer_state=trainer_state)
-            checkpoint.rotate_checkpoints(output_dir, config.save_total_limit)
-        distributed.barrier(dist_)
+            try:
+                checkpoint.save_checkpoint(path, adapter=adapter, lora_config=lora_config,
+                                           optimizer_state=optimizer_state, rng_states=rng_states,
+                                           trainer_state=trainer_state)
+                checkpoint.rotate_checkpoints(output_dir, config.save_total_limit)
+            except OSError as e:  # disk full, quota, permissions: the previous checkpoint is untouched
+                previous = checkpoint.latest_checkpoint(output_dir)
+                error = f"could not write {path}: {e}; the newest complete checkpoint is {previous or 'none'}"
+        error = distributed.broadcast_object(error, dist_)  # every rank takes the same branch
+        if error is not None:
+            if config.on_save_error == "stop":
+                raise checkpoint.CheckpointError(error)
+            if dist_.is_main:
+                progress.write(f"peftloop: {error}; training continues (on_save_error='continue')")
+            return
         for cb in callbacks:
             cb.on_save(state, path)
 
@@ -236,24 +257,32 @@ def train(
             tokens_since_log += input_tokens(batch)
 
         # d. unscale -> clip -> step -> zero. clip_grad_norm_ returns the norm *before* clipping.
+        step_loss = distributed.all_reduce_sum(float(window_loss), dist_, device)
         scaler.unscale_(optimizer)
-        grad_norm = distributed.full_tensor(
-            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or float("inf")))
+        grad_norm = float(distributed.full_tensor(
+            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or float("inf"))))
+        # fp16's scaler skips overflowed steps by itself; otherwise a NaN/inf must not reach the weights.
+        nonfinite = not scaler.is_enabled() and not (math.isfinite(step_loss) and math.isfinite(grad_norm))
+        if nonfinite and config.nan_policy == "stop":
+            raise NonFiniteError(_nonfinite_report(state.global_step + 1, step_loss, model))
         for cb in callbacks:
             cb.on_before_optimizer_step(state, model)
         scale_before = scaler.get_scale()
-        scaler.step(optimizer)  # skipped when unscale_ found inf/NaN gradients (fp16 only)
-        scaler.update()
-        step_skipped = scaler.is_enabled() and scaler.get_scale() < scale_before
+        if not nonfinite:
+            scaler.step(optimizer)  # skipped when unscale_ found inf/NaN gradients (fp16 only)
+            scaler.update()
+        step_skipped = nonfinite or (scaler.is_enabled() and scaler.get_scale() < scale_before)
         optimizer.zero_grad(set_to_none=True)
+        if nonfinite and dist_.is_main:
+            progress.write(f"peftloop: step {state.global_step + 1} skipped: loss {step_loss}, grad norm {grad_norm}")
 
         # ---- 5. bookkeeping --------------------------------------------------------------
-        step_loss = distributed.all_reduce_sum(float(window_loss), dist_, device)
         state.global_step += 1
         state.epoch, state.examples_in_epoch = next_epoch, next_example
-        state.loss_sum += step_loss
+        state.loss_sum += step_loss if not nonfinite else 0.0
         state.tokens_seen += int(tokens_in_window)
         state.skipped_steps += int(step_skipped)
+        state.nonfinite_steps += int(nonfinite)
         losses_since_log.append(step_loss)
         metrics = {"step": state.global_step, "loss": step_loss, "grad_norm": float(grad_norm), "lr": lr,
                    "skipped": step_skipped}
@@ -307,6 +336,7 @@ def train(
         "train_runtime_s": runtime,
         "train_steps_per_s": steps_this_run / max(runtime, 1e-9),
         "skipped_steps": state.skipped_steps,
+        "nonfinite_steps": state.nonfinite_steps,
         **{k: v for k, v in last_eval.items() if k != "step"},
     }
     return TrainResult(state.global_step, metrics["train_loss"], metrics)
@@ -409,6 +439,14 @@ def _epoch_progress(state: TrainState, train_data) -> float:
     if not hasattr(train_data, "__len__") or not len(train_data):
         return float(state.epoch)
     return round(state.epoch + state.examples_in_epoch / len(train_data), 4)
+
+
+def _nonfinite_report(step: int, loss: float, model: nn.Module) -> str:
+    """Which number went bad first: the loss, or the gradient of which parameter."""
+    for name, p in distributed.unwrap(model).named_parameters():
+        if p.grad is not None and not bool(torch.isfinite(distributed.full_tensor(p.grad)).all()):
+            return f"step {step}: the gradient of {name} has NaN/inf values (loss {loss}); nan_policy='stop'"
+    return f"step {step}: the loss is {loss}; nan_policy='stop'"
 
 
 def _gather_adapter(model: nn.Module) -> dict[str, torch.Tensor]:
