@@ -73,3 +73,36 @@ def test_generation_stops_at_eos_and_sampling_is_seeded():
     a = generate(model, [[1, 5, 6]], 8, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(1))
     b = generate(model, [[1, 5, 6]], 8, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(1))
     assert a == b
+
+
+def test_packed_length_one_documents_attend_only_to_themselves():
+    """Position ids 0, 0, 0, 1, 2: two length-1 documents, then one of length 3. There is no
+    decrease in the position ids, only a repeat, and it still starts a new document."""
+    model = tiny_model().eval()
+    ids = torch.randint(3, 61, (1, 5))
+    positions = torch.tensor([[0, 0, 0, 1, 2]])
+    with torch.no_grad():
+        out = model(ids, position_ids=positions)
+        for start, end in [(0, 1), (1, 2), (2, 5)]:
+            torch.testing.assert_close(out[:, start:end], model(ids[:, start:end]), rtol=0, atol=1e-5)
+
+
+def test_sliding_window_attends_to_the_last_w_tokens_only():
+    """With a window of 3 and one layer, the logits at position t depend on tokens t-2..t only:
+    changing the tokens before that changes nothing, changing one inside the window does. The
+    KV-cache path (one token at a time) gives the same logits as the full pass."""
+    from peftloop.generate import KVCache
+
+    model = tiny_model(model_type="mistral", sliding_window=3, num_hidden_layers=1).eval()
+    ids = torch.randint(3, 61, (1, 8))
+    changed_outside = ids.clone()
+    changed_outside[0, :4] = (ids[0, :4] + 1 - 3) % 58 + 3
+    with torch.no_grad():
+        full = model(ids)
+        torch.testing.assert_close(model(changed_outside)[:, 6:], full[:, 6:], rtol=0, atol=1e-5)
+        changed_inside = ids.clone()
+        changed_inside[0, 5] = (ids[0, 5] + 1 - 3) % 58 + 3
+        assert (model(changed_inside)[:, 6:] - full[:, 6:]).abs().max() > 1e-4
+        caches = [KVCache() for _ in range(model.config.num_hidden_layers)]
+        stepwise = [model(ids[:, t:t + 1], kv_caches=caches) for t in range(8)]
+    torch.testing.assert_close(torch.cat(stepwise, dim=1), full, rtol=0, atol=1e-5)

@@ -1,9 +1,13 @@
 """Model families and Hugging Face-format checkpoint I/O (``config.json`` + safetensors).
 
-``load_pretrained(folder, dtype)`` builds the model on the meta device and then assigns the
-checkpoint's tensors, converted once to ``dtype``: there is never a second (random-init or fp32)
-copy of the weights in memory. ``save_pretrained`` writes what transformers' ``from_pretrained``
-reads.
+``load_pretrained(name_or_path, dtype)`` takes a local folder or a hub id (``peftloop.hub``),
+builds the model on the meta device and then assigns the checkpoint's tensors, each converted
+once to ``dtype`` as it is read: there is never a second (random-init or fp32) copy of the
+weights in memory. ``save_pretrained`` writes what transformers' ``from_pretrained`` reads.
+
+Supported architectures (``ARCHITECTURES``): Llama (Llama 2/3/3.1/3.2, with Llama 3 rope scaling;
+SmolLM/SmolLM2 and TinyLlama are Llama checkpoints), Mistral, Qwen2/Qwen2.5, Qwen3. All of them
+are ``peftloop.models.llama.LlamaForCausalLM`` with the family's switches (see ``FAMILIES``).
 """
 
 from __future__ import annotations
@@ -13,12 +17,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from peftloop.models.llama import LlamaConfig, LlamaForCausalLM
+from peftloop.models.llama import FAMILIES, LlamaConfig, LlamaForCausalLM, rope_inverse_frequencies
 
-ARCHITECTURES = {"LlamaForCausalLM": (LlamaConfig, LlamaForCausalLM)}
+ARCHITECTURES = {architecture: (LlamaConfig, LlamaForCausalLM) for architecture in FAMILIES.values()}
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -36,7 +40,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"dtype {dtype!r}: expected one of fp32, bf16, fp16") from None
 
 
-def config_from_folder(folder: str | Path):
+def read_config_json(folder: str | Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointFormatError(f"{path}: not found (is {folder} a Hugging Face model folder?)")
@@ -44,12 +48,26 @@ def config_from_folder(folder: str | Path):
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointFormatError(f"{path}: invalid JSON ({e})") from None
-    arch = (raw.get("architectures") or ["LlamaForCausalLM"])[0]
-    if arch not in ARCHITECTURES:
+    if not isinstance(raw, dict):
+        raise CheckpointFormatError(f"{path}: expected a JSON object")
+    return raw
+
+
+def config_from_folder(folder: str | Path):
+    """(config, model class) for the checkpoint in ``folder``; refuses an architecture we do not run."""
+    path = Path(folder) / "config.json"
+    raw = read_config_json(folder)
+    architectures = raw.get("architectures") or []
+    unknown = [a for a in architectures if a not in ARCHITECTURES]
+    if unknown or (not architectures and raw.get("model_type") not in FAMILIES):
+        found = unknown[0] if unknown else f"model_type={raw.get('model_type')!r}"
         raise CheckpointFormatError(
-            f"{path}: architecture {arch!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}")
-    config_cls, model_cls = ARCHITECTURES[arch]
-    return config_cls.from_dict(raw), model_cls
+            f"{path}: architecture {found!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}")
+    config_cls, model_cls = ARCHITECTURES[architectures[0]] if architectures else (LlamaConfig, LlamaForCausalLM)
+    try:
+        return config_cls.from_dict(raw, source=str(path)), model_cls
+    except ValueError as e:
+        raise CheckpointFormatError(str(e)) from None
 
 
 def weight_files(folder: str | Path) -> list[Path]:
@@ -66,47 +84,59 @@ def weight_files(folder: str | Path) -> list[Path]:
         files = [folder / "model.safetensors"]
     for f in files:
         if not f.is_file():
-            raise CheckpointFormatError(f"{f}: not found (only safetensors checkpoints are read; no pickle)")
+            hint = " (only safetensors checkpoints are read; no pickle)" if f.name == "model.safetensors" else ""
+            raise CheckpointFormatError(f"{f}: not found{hint}")
     return files
 
 
-def load_pretrained(folder: str | Path, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu"):
-    """Load a HF-format causal LM from a local folder straight into ``dtype`` on ``device``."""
-    folder = Path(folder)
+def _skipped_key(key: str, tied: bool) -> bool:
+    """Tensors some checkpoints carry that the model rebuilds or shares: the tied head, RoPE tables."""
+    return (tied and key == "lm_head.weight") or key.endswith("rotary_emb.inv_freq")
+
+
+def load_pretrained(name_or_path: str | Path, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu",
+                    revision: str | None = None, cache_dir: str | Path | None = None):
+    """Load a HF-format causal LM (a local folder or a hub id) straight into ``dtype`` on ``device``.
+
+    Each tensor is read from its file, checked against the shape the config implies, and
+    converted to ``dtype`` on ``device`` before the next one is read, so the peak is the
+    weights in ``dtype`` plus one tensor in the file's dtype."""
+    from peftloop.hub import resolve_model
+
+    folder = resolve_model(name_or_path, revision=revision, cache_dir=cache_dir)
     config, model_cls = config_from_folder(folder)
     dtype = parse_dtype(dtype)
     with torch.device("meta"):
         model = model_cls(config)
-    expected = {k: v for k, v in model.state_dict().items()}
-    tied = getattr(config, "tie_word_embeddings", False)
+    expected = model.state_dict()
+    tied = config.tie_word_embeddings
     loaded: dict[str, torch.Tensor] = {}
     for path in weight_files(folder):
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                if key not in expected:
-                    if tied and key == "lm_head.weight":
-                        continue  # some tied checkpoints still carry the head
-                    if "rotary_emb.inv_freq" in key:
-                        continue
-                    raise CheckpointFormatError(f"{path}: unexpected tensor {key!r} for {model_cls.__name__}")
-                tensor = f.get_tensor(key)
-                if tuple(tensor.shape) != tuple(expected[key].shape):
-                    raise CheckpointFormatError(
-                        f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, the config implies "
-                        f"{tuple(expected[key].shape)}")
-                loaded[key] = tensor.to(device=device, dtype=dtype)  # one tensor at a time
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if key not in expected:
+                        if _skipped_key(key, tied):
+                            continue
+                        raise CheckpointFormatError(f"{path}: unexpected tensor {key!r} for {model_cls.__name__} "
+                                                    f"(model_type {config.model_type!r})")
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if shape != tuple(expected[key].shape):
+                        raise CheckpointFormatError(
+                            f"{path}: tensor {key!r} has shape {shape}, the config implies "
+                            f"{tuple(expected[key].shape)}")
+                    loaded[key] = f.get_tensor(key).to(device=device, dtype=dtype)  # one tensor at a time
+        except SafetensorError as e:
+            raise CheckpointFormatError(f"{path}: not a valid safetensors file ({e})") from None
     missing = [k for k in expected if k not in loaded and not (tied and k == "lm_head.weight")]
     if missing:
-        raise CheckpointFormatError(f"{folder}: {len(missing)} tensor(s) missing, first: {missing[0]!r}")
+        raise CheckpointFormatError(f"{folder}: {len(missing)} tensor(s) missing for {model_cls.__name__}: "
+                                    f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
     model.load_state_dict(loaded, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-    # buffers that are not in the checkpoint (RoPE frequencies) are rebuilt for real
-    for name, module in model.named_modules():
-        if hasattr(module, "inv_freq"):
-            from peftloop.models.llama import rope_inverse_frequencies
-
-            module.inv_freq = rope_inverse_frequencies(config).to(device)
+    # buffers that are not in the checkpoint (RoPE frequencies) are built for real, in fp32
+    model.model.rotary_emb.inv_freq = rope_inverse_frequencies(config).to(device)
     model.config.torch_dtype = str(dtype).removeprefix("torch.")
     return model.eval()
 

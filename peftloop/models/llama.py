@@ -26,18 +26,31 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftloop import kernels as _kernels
+from peftloop import kernels
 
-try:  # TEMPORARY until the kernels land
-    _kernels.rms_norm
-    kernels = _kernels
-except AttributeError:
-    from peftloop.models import _pending_ops as kernels
+# model_type -> the architecture name transformers writes in config.json. Every family is the
+# same module (``LlamaForCausalLM`` below) with the switches each one needs:
+#   llama    attention_bias (q/k/v/o), mlp_bias; Llama 3 rope scaling. SmolLM, TinyLlama are llama.
+#   mistral  sliding_window on every layer
+#   qwen2    bias on q/k/v (never on o); sliding window on the layers layer_types names
+#   qwen3    RMSNorm over each head of q and k; attention_bias (q/k/v/o); sliding window as qwen2
+FAMILIES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+ROPE_TYPES = ("default", "llama3")
+FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
 
 
 @dataclass
 class LlamaConfig:
-    """The fields of a HF ``config.json`` that the architecture reads (names are HF's)."""
+    """The fields of a HF ``config.json`` that the architecture reads (names are HF's).
+
+    ``model_type`` picks the family; the family sets the switches that its HF config does not
+    spell out (qwen2's q/k/v bias, qwen3's q/k norm), and a switch the family cannot express in
+    its config.json is refused, so what ``save`` writes is what transformers builds."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -55,11 +68,20 @@ class LlamaConfig:
     """None, or Llama 3's {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
     "original_max_position_embeddings"}."""
     attention_bias: bool = False
-    """Bias on q/k/v/o (Qwen2 has it on q/k/v only: see qkv_bias)."""
+    """Bias on q/k/v/o (llama, qwen3). Qwen2's bias on q/k/v only is qkv_bias."""
     qkv_bias: bool = False
+    """Bias on q/k/v but not o: always on for qwen2, which has no key for it in config.json."""
     mlp_bias: bool = False
+    """Bias on gate/up/down (llama only)."""
     qk_norm: bool = False
-    """RMSNorm over each head of q and k before RoPE (Qwen3)."""
+    """RMSNorm over each head of q and k before RoPE: always on for qwen3."""
+    sliding_window: int | None = None
+    """Each token attends to at most this many tokens (itself included) on the sliding layers;
+    None: full causal attention everywhere. Mistral: every layer; qwen2/3: the layers that
+    layer_types marks "sliding_attention" (only when their use_sliding_window is true)."""
+    layer_types: list[str] | None = None
+    """Per layer "full_attention" or "sliding_attention" (None: every layer slides when
+    sliding_window is set, as in Mistral)."""
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
     bos_token_id: int | None = 1
@@ -67,12 +89,20 @@ class LlamaConfig:
     pad_token_id: int | None = None
     initializer_range: float = 0.02
     architectures: list[str] = field(default_factory=lambda: ["LlamaForCausalLM"])
+    """Derived from model_type (kept for callers that read it)."""
     model_type: str = "llama"
+    """"llama", "mistral", "qwen2" or "qwen3" (see FAMILIES)."""
     torch_dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict)
-    """Every other field of config.json, written back unchanged."""
+    """The other fields of the config.json this came from (use_cache, transformers_version, ...),
+    written back unchanged."""
 
     def __post_init__(self):
+        if self.model_type not in FAMILIES:
+            raise ValueError(f"model_type={self.model_type!r} is not supported; supported: {', '.join(FAMILIES)}")
+        self.architectures = [FAMILIES[self.model_type]]
+        self.qkv_bias = self.qkv_bias or self.model_type == "qwen2"
+        self.qk_norm = self.qk_norm or self.model_type == "qwen3"
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -84,37 +114,152 @@ class LlamaConfig:
             )
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act={self.hidden_act!r}: only 'silu' (SwiGLU) is supported")
+        self._check_family_switches()
+        if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+        if self.layer_types is not None and set(self.layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION}:
+            raise ValueError(f"layer_types={self.layer_types}: expected {FULL_ATTENTION!r} or {SLIDING_ATTENTION!r}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window} must be >= 1 (or None)")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_scaling.rope_type={rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+
+    def _check_family_switches(self) -> None:
+        """Refuse a switch this model_type's config.json cannot carry (transformers would build
+        a different model from the file than the one we run)."""
+        allowed = {
+            "attention_bias": ("llama", "qwen3"),
+            "qkv_bias": ("qwen2",),
+            "mlp_bias": ("llama",),
+            "qk_norm": ("qwen3",),
+            "sliding_window": ("mistral", "qwen2", "qwen3"),
+        }
+        for name, families in allowed.items():
+            if getattr(self, name) not in (None, False) and self.model_type not in families:
+                raise ValueError(f"{name}={getattr(self, name)!r} needs model_type {' or '.join(families)} "
+                                 f"(model_type is {self.model_type!r})")
+
+    def attention_window(self, layer: int) -> int | None:
+        """The sliding window of one layer, or None for full causal attention."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None or self.layer_types[layer] == SLIDING_ATTENTION:
+            return self.sliding_window
+        return None
 
     # config.json ---------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        known = {k: v for k, v in d.items() if k in names}
-        extra = {k: v for k, v in d.items() if k not in names}
-        if "rope_parameters" in extra and known.get("rope_scaling") is None:
-            # transformers >= 5 writes rope settings under rope_parameters
-            rp = extra["rope_parameters"] or {}
-            known.setdefault("rope_theta", rp.get("rope_theta", cls.rope_theta))
-            if rp.get("rope_type", "default") != "default":
-                known["rope_scaling"] = rp
-        if known.get("rope_scaling") and known["rope_scaling"].get("rope_type", "default") == "default":
-            known["rope_scaling"] = None
-        return cls(**known, extra=extra)
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> "LlamaConfig":
+        """Read a HF config.json dict of any family in FAMILIES (transformers 4 or 5 layout)."""
+        d = dict(d)
+        model_type = d.pop("model_type", None) or _model_type_of(d.get("architectures"), source)
+        if model_type not in FAMILIES:
+            raise ValueError(f"{source}: model_type {model_type!r} is not supported; supported: "
+                             f"{', '.join(FAMILIES)}")
+        d.pop("architectures", None)
+        if d.get("quantization_config"):
+            method = d["quantization_config"].get("quant_method", "?")
+            raise ValueError(f"{source}: quantization_config (quant_method {method!r}): pre-quantized "
+                             "checkpoints are not supported; load the unquantized weights")
+        known: dict[str, Any] = {"model_type": model_type}
+        known.update(_rope_fields(d, source))
+        known.update(_sliding_fields(d, model_type))
+        dtype = d.pop("torch_dtype", None) or d.pop("dtype", None)
+        if isinstance(dtype, str):
+            known["torch_dtype"] = dtype
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "qkv_bias", "qk_norm"} - set(known)
+        for name in names & set(d):
+            known[name] = d.pop(name)
+        for legacy in ("qkv_bias", "qk_norm", "extra"):  # written by early peftloop versions
+            d.pop(legacy, None)
+        try:
+            return cls(**known, extra=d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        d.update(self.extra)
+        """HF's config.json for this model_type: the fields transformers' config class declares."""
+        d = dict(self.extra)
+        common = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps",
+                  "tie_word_embeddings", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id",
+                  "initializer_range", "architectures", "model_type", "torch_dtype")
+        d.update({name: getattr(self, name) for name in common})
+        # transformers 4 reads rope_theta + rope_scaling, transformers 5 rope_parameters: write both.
+        d["rope_theta"] = self.rope_theta
+        d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
+        d["rope_parameters"] = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        if self.model_type in ("llama", "qwen3"):
+            d["attention_bias"] = self.attention_bias
+        if self.model_type == "llama":
+            d["mlp_bias"] = self.mlp_bias
+        if self.model_type == "mistral":
+            d["sliding_window"] = self.sliding_window
+        if self.model_type in ("qwen2", "qwen3"):
+            d["use_sliding_window"] = self.sliding_window is not None
+            d["sliding_window"] = self.sliding_window
+            d["layer_types"] = list(self.layer_types or [FULL_ATTENTION] * self.num_hidden_layers)
+            d.setdefault("max_window_layers", self.num_hidden_layers)
         return d
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "LlamaConfig":
         with open(path) as f:
-            return cls.from_dict(json.load(f))
+            return cls.from_dict(json.load(f), source=str(path))
 
     def save(self, directory: str | Path) -> None:
         path = Path(directory) / "config.json"
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def _model_type_of(architectures: list[str] | None, source: str) -> str:
+    by_architecture = {arch: model_type for model_type, arch in FAMILIES.items()}
+    for arch in architectures or []:
+        if arch in by_architecture:
+            return by_architecture[arch]
+    raise ValueError(f"{source}: architectures={architectures!r} with no model_type; supported architectures: "
+                     f"{', '.join(by_architecture)}")
+
+
+def _rope_fields(d: dict[str, Any], source: str) -> dict[str, Any]:
+    """rope_theta and rope_scaling from transformers 4's keys (rope_theta, rope_scaling) or
+    transformers 5's (rope_parameters = {"rope_type", "rope_theta", ...}); pops what it reads."""
+    parameters = dict(d.pop("rope_parameters", None) or {})
+    scaling = dict(d.pop("rope_scaling", None) or parameters)
+    theta = d.pop("rope_theta", None) or scaling.pop("rope_theta", None) or parameters.get("rope_theta")
+    scaling.pop("rope_theta", None)
+    rope_type = scaling.pop("type", None) or scaling.get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"{source}: rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0 or d.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{source}: partial_rotary_factor != 1 is not supported")
+    fields: dict[str, Any] = {"rope_scaling": None if rope_type == "default" else {**scaling, "rope_type": rope_type}}
+    if theta is not None:
+        fields["rope_theta"] = float(theta)
+    return fields
+
+
+def _sliding_fields(d: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """sliding_window and layer_types as transformers builds them for each family; pops what it reads.
+
+    Mistral slides on every layer when sliding_window is set. Qwen2/3 slide only when
+    use_sliding_window is true, on the layers layer_types marks (or, without layer_types, from
+    layer max_window_layers on). Llama has no sliding window."""
+    window = d.pop("sliding_window", None)
+    layer_types = d.pop("layer_types", None)
+    use = d.pop("use_sliding_window", False)
+    if model_type == "mistral":
+        return {"sliding_window": window}
+    if model_type in ("qwen2", "qwen3") and use and window is not None:
+        if layer_types is None:
+            first = d.get("max_window_layers", 28)
+            layer_types = [SLIDING_ATTENTION if i >= first else FULL_ATTENTION
+                           for i in range(d["num_hidden_layers"])]
+        if SLIDING_ATTENTION in layer_types:
+            return {"sliding_window": window, "layer_types": layer_types}
+    return {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,9 +338,10 @@ class Attention(nn.Module):
         q, k = kernels.apply_rope(q, k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
-        is_causal = attn_mask is None and kv_cache is None
-        if attn_mask is None and kv_cache is not None and T > 1:
-            is_causal = kv_cache.length == T  # prefill of an empty cache
+        # No mask means plain causal attention over the whole cache: aligned at the top left for a
+        # prefill (T == S) and attend-to-everything for one new token (T == 1); build_attention_mask
+        # returns a mask in every other case.
+        is_causal = attn_mask is None and T > 1
         # q may be fp32 (RoPE with fp32 tables) while v is bf16 under autocast: attend in one dtype.
         dtype = v.dtype
         y = F.scaled_dot_product_attention(
@@ -218,12 +364,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, layer: int):
         super().__init__()
         self.self_attn = Attention(config)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention_window = config.attention_window(layer)
 
     def forward(self, x, cos, sin, attn_mask, kv_cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv_cache)
@@ -234,7 +381,7 @@ class LlamaModel(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
@@ -246,9 +393,12 @@ class LlamaModel(nn.Module):
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
-        attn_mask = build_attention_mask(attention_mask, position_ids, T, past)
+        # one mask per distinct window (full attention is window None), built once for all layers
+        masks = {window: build_attention_mask(attention_mask, position_ids, T, past, window)
+                 for window in {layer.attention_window for layer in self.layers}}
         for i, layer in enumerate(self.layers):
             cache = kv_caches[i] if kv_caches is not None else None
+            attn_mask = masks[layer.attention_window]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn_mask, cache, use_reentrant=False)
             else:
@@ -256,38 +406,51 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-def build_attention_mask(attention_mask, position_ids, T: int, past: int):
+def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """True where a new document begins: column 0, and wherever the position id is not the
+    previous one + 1 (a packed example restarts at 0; two length-1 documents in a row are 0, 0).
+    Transformers detects packed sequences the same way."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts
+
+
+def build_attention_mask(attention_mask, position_ids, T: int, past: int, sliding_window: int | None = None):
     """A boolean [B, 1, T, past+T] mask (True = attend), or None when plain causal attention is exact.
 
-    Needed for padding on the left (generation) or in the middle, and for packed sequences, whose
-    position ids restart at 0 at each example: tokens then attend only within their own example.
+    Plain causal attention is exact with no padding in front of or between real tokens, no packed
+    documents and no window cutting anything off, when the queries are the whole sequence (a
+    prefill, past == 0) or a single new token. A mask is needed for padding on the left
+    (generation), for packed sequences (position ids restart at each example: tokens attend only
+    within their own example), and for a sliding window shorter than the sequence (key s is
+    visible from query t when t - s < window, t and s counted in the cache, as transformers does).
     Right padding needs no mask: pads come after every real token, and their labels are -100.
     """
-    packed = position_ids.shape[1] > 1 and bool((position_ids[:, 1:] < position_ids[:, :-1]).any())
-    if attention_mask is None and not packed:
-        return None
     B = position_ids.shape[0]
     S = past + T
     device = position_ids.device
-    if attention_mask is not None and not packed and past == 0:
+    packed = past == 0 and T > 1 and bool(document_starts(position_ids)[:, 1:].any())
+    windowed = sliding_window is not None and S > sliding_window
+    padded = attention_mask is not None and not bool(attention_mask[:, :S].bool().all())
+    if padded and not packed and past == 0:
         am = attention_mask.bool()
-        # right padding only: every row is ones then zeros -> causal attention is already exact
-        if bool((am[:, 1:] <= am[:, :-1]).all()):
-            return None
-    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)
-    mask = causal[None, None].expand(B, 1, T, S).clone()
+        # right padding only (every row is ones then zeros): causal attention is already exact
+        padded = not bool((am[:, 1:] <= am[:, :-1]).all())
+    if not (packed or windowed or padded) and (past == 0 or T == 1):
+        return None
+    query = torch.arange(past, S, device=device)[:, None]
+    key = torch.arange(S, device=device)[None, :]
+    allowed = key <= query
+    if windowed:
+        allowed &= query - key < sliding_window
+    mask = allowed[None, None].expand(B, 1, T, S).clone()
     if attention_mask is not None:
         mask &= attention_mask.bool()[:, None, None, :S]
     if packed:
-        # document id of each position: a new document starts wherever the position id resets
-        starts = torch.zeros_like(position_ids, dtype=torch.bool)
-        starts[:, 0] = True
-        starts[:, 1:] = position_ids[:, 1:] <= position_ids[:, :-1]
-        doc = starts.cumsum(dim=1)
-        mask &= (doc[:, None, :, None] == doc[:, None, None, :])
+        doc = document_starts(position_ids).cumsum(dim=1)
+        mask &= doc[:, None, :, None] == doc[:, None, None, :]
     # A query row with nothing to attend to (a left pad) would give NaN; let it see itself.
-    diagonal = torch.arange(T, device=device)[:, None] + past == torch.arange(S, device=device)[None, :]
-    mask |= diagonal[None, None]
+    mask |= (query == key)[None, None]
     return mask
 
 
