@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from peftloop.kernels import linear_cross_entropy
-from peftloop.kernels.linear_cross_entropy import chunk_rows, linear_cross_entropy_reference
+from peftloop.kernels.linear_cross_entropy import CPU_CHUNK_FACTOR, chunk_rows, linear_cross_entropy_reference
 
 from tolerances import assert_close
 from kernel_utils import DEVICE, DTYPES, IMPLS, assert_grads_close, fp32_copy, grads, randn, run
@@ -119,6 +119,27 @@ def test_lce_under_bf16_autocast(impl):
     # Both sides computed the logits in bf16: compare at the bf16 tolerance.
     assert_close(loss, ref, torch.bfloat16, "loss")
     assert_grads_close(got, expected, torch.bfloat16, ["hidden", "weight"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lce_torch_path_over_several_chunks(dtype):
+    """The torch path takes chunks 8x Liger's; with V >> H it still walks several (here 32 + 8 rows)."""
+    n, h, v = 40, 8, 101
+    assert chunk_rows(n, v, h, CPU_CHUNK_FACTOR) == 32
+    hidden = randn(n, h, dtype=dtype, seed=13, requires_grad=True)
+    weight = randn(v, h, dtype=dtype, seed=14, requires_grad=True)
+    labels = _labels(n, v, ignored=[0, 33, 39], seed=15)
+    _check("torch", hidden, weight, labels, dtype, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lce_second_backward_is_refused(impl):
+    """The gradients are scaled in place by the backward pass, so it can run only once."""
+    hidden, weight, _ = _inputs(torch.float32, seed=16)
+    loss = run(impl, linear_cross_entropy, hidden, weight, _labels(N, V, ignored=[]))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
 
 
 def test_lce_chunks_follow_liger_rule():
