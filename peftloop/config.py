@@ -258,6 +258,96 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------------------------
+# Model and data (the ``peftloop train --model ... --data ...`` path)
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to fine-tune and how to hold it in memory."""
+
+    name_or_path: str | None = None
+    """A Hugging Face Hub id ("HuggingFaceTB/SmolLM2-135M") or a local folder with config.json,
+    safetensors weights and tokenizer.json. None (the default) runs the built-in demo."""
+    revision: str | None = None
+    """Hub branch, tag or commit to load (hub ids only; None: "main")."""
+    cache_dir: str | None = None
+    """Hub cache folder (None: huggingface_hub's default, HF_HUB_CACHE / HF_HOME)."""
+    dtype: str = "fp32"
+    """Dtype the frozen base weights are loaded in: "fp32", "bf16" or "fp16". bf16 halves the
+    memory; LoRA's own tensors stay fp32 whatever this is."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them:
+    much less activation memory for about a third more compute."""
+
+    def __post_init__(self):
+        _check_types(self, "model")
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"model.dtype={self.dtype!r}: expected 'fp32', 'bf16' or 'fp16'")
+
+
+DATA_FORMATS = ("auto", "text", "prompt_completion", "messages")
+
+
+@dataclass
+class DataConfig:
+    """Where the training data is and how it becomes token sequences (docs/data.md has the JSONL shapes)."""
+
+    train_file: str | None = None
+    """JSONL file of training records, one JSON object per line."""
+    eval_file: str | None = None
+    """JSONL file of evaluation records (same shapes). Takes precedence over eval_split."""
+    eval_split: float = 0.0
+    """Fraction of train_file's records held out for evaluation when there is no eval_file. A
+    record is held out by a hash of (train.seed, its line number), so the split is the same
+    streamed or not, and does not change when lines are appended."""
+    format: str = "auto"
+    """"text", "prompt_completion", "messages", or "auto" (each line by the fields it has)."""
+    text_field: str = "text"
+    """The field holding the text of a "text" record."""
+    prompt_field: str = "prompt"
+    """The field holding the prompt of a "prompt_completion" record (a string or a list of messages)."""
+    completion_field: str = "completion"
+    """The field holding the completion (a string, or a list of messages when the prompt is one)."""
+    messages_field: str = "messages"
+    """The field holding a "messages" record's conversation: [{"role", "content"}, ...]."""
+    completion_only_loss: bool = True
+    """Loss only on completions and assistant turns (labels -100 on prompts, system and user
+    turns, template headers). False: loss on every token. Text records always train on everything."""
+    add_eos: bool = True
+    """Append the tokenizer's eos token to text and completion records (chat templates write their own)."""
+    max_seq_len: int = 2048
+    """Longer examples are truncated to this many tokens (the end is cut) and counted; one whose
+    every label token is cut off is dropped and counted."""
+    packing: bool = False
+    """Concatenate examples into sequences of up to max_seq_len tokens. Position ids restart at
+    each example and attention never crosses into another example, so each example's loss is what
+    it would be on its own; there is just no padding."""
+    group_by_length: bool = False
+    """Put examples of similar length in the same micro-batch (less padding). Within each window
+    of 50 micro-batches of the epoch's seeded order, examples are sorted by length; the batch
+    holding the longest example comes first, so running out of memory shows at once."""
+    streaming: bool = False
+    """Read train_file lazily, line by line, in every epoch: a file larger than memory trains.
+    The dataset has no length, so train.max_steps must be set."""
+    shuffle_buffer: int = 10000
+    """Streaming only: examples are shuffled within a buffer of this many (seeded per epoch)."""
+    skip_bad_lines: bool = False
+    """Skip (and count) malformed lines instead of stopping at the first with an error naming
+    the file and line: bad JSON, a missing or empty field, a message without role or content."""
+
+    def __post_init__(self):
+        _check_types(self, "data")
+        if self.format not in DATA_FORMATS:
+            raise ConfigError(f"data.format={self.format!r}: expected one of {', '.join(DATA_FORMATS)}")
+        if not 0.0 <= self.eval_split < 1.0:
+            raise ConfigError(f"data.eval_split must be in [0, 1), got {self.eval_split}")
+        if self.max_seq_len < 2:
+            raise ConfigError(f"data.max_seq_len must be >= 2, got {self.max_seq_len}")
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+
+
+# --------------------------------------------------------------------------------------------
 # Reading configs: types, TOML, CLI overrides
 
 

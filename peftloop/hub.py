@@ -79,8 +79,12 @@ def _weight_files(folder: Path) -> list[str]:
 
 def _snapshot(repo_id: str, revision: str | None, cache_dir, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     offline = hub_offline()
     where = f"{repo_id} (revision {revision or 'main'})"

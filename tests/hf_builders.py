@@ -101,7 +101,7 @@ def train_tokenizer(style: str, vocab_size: int = 320):
     post-processor."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    specials, config, _, bos_in_json = TOKENIZER_STYLES[style]
+    specials, _, _, bos_in_json = TOKENIZER_STYLES[style]
     if style == "llama2":
         tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
         tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
@@ -123,7 +123,7 @@ def train_tokenizer(style: str, vocab_size: int = 320):
 
 def save_tokenizer_files(folder: Path, style: str, tokenizer=None) -> Path:
     """tokenizer.json, tokenizer_config.json (special tokens, chat template) and special_tokens_map.json."""
-    specials, fields, template, _ = TOKENIZER_STYLES[style]
+    _, fields, template, _ = TOKENIZER_STYLES[style]
     tokenizer = tokenizer or train_tokenizer(style)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
