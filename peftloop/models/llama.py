@@ -169,7 +169,9 @@ class LlamaConfig:
         dtype = d.pop("torch_dtype", None) or d.pop("dtype", None)
         if isinstance(dtype, str):
             known["torch_dtype"] = dtype
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "qkv_bias", "qk_norm"} - set(known)
+        # the switches transformers' class for this family reads; any other stays in extra, unused
+        ignored = {"attention_bias", "mlp_bias", "sliding_window", "layer_types"} - set(_SWITCHES_READ[model_type])
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "qkv_bias", "qk_norm"} - set(known) - ignored
         for name in names & set(d):
             known[name] = d.pop(name)
         for legacy in ("qkv_bias", "qk_norm", "extra"):  # written by early peftloop versions
@@ -214,6 +216,14 @@ class LlamaConfig:
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
+_SWITCHES_READ = {
+    "llama": ("attention_bias", "mlp_bias"),
+    "mistral": ("sliding_window",),
+    "qwen2": ("sliding_window", "layer_types"),
+    "qwen3": ("attention_bias", "sliding_window", "layer_types"),
+}
+
+
 def _model_type_of(architectures: list[str] | None, source: str) -> str:
     by_architecture = {arch: model_type for model_type, arch in FAMILIES.items()}
     for arch in architectures or []:
@@ -247,16 +257,18 @@ def _sliding_fields(d: dict[str, Any], model_type: str) -> dict[str, Any]:
     Mistral slides on every layer when sliding_window is set. Qwen2/3 slide only when
     use_sliding_window is true, on the layers layer_types marks (or, without layer_types, from
     layer max_window_layers on). Llama has no sliding window."""
+    if model_type == "llama":
+        return {}  # transformers' Llama has no sliding window: such keys stay in extra, unused
+    if model_type == "mistral":  # every layer slides; a layer_types key is ignored (as transformers does)
+        return {"sliding_window": d.pop("sliding_window", None)}
     window = d.pop("sliding_window", None)
     layer_types = d.pop("layer_types", None)
     use = d.pop("use_sliding_window", False)
-    if model_type == "mistral":
-        return {"sliding_window": window}
-    if model_type in ("qwen2", "qwen3") and use and window is not None:
+    if use and window is not None:
         if layer_types is None:
             first = d.get("max_window_layers", 28)
             layer_types = [SLIDING_ATTENTION if i >= first else FULL_ATTENTION
-                           for i in range(d["num_hidden_layers"])]
+                           for i in range(d.get("num_hidden_layers", 32))]
         if SLIDING_ATTENTION in layer_types:
             return {"sliding_window": window, "layer_types": layer_types}
     return {}
