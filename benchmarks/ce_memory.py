@@ -55,7 +55,6 @@ def _run_variant(variant: str, dtype_name: str, tokens: int, hidden: int, vocab:
     """Runs inside the subprocess: returns the measurement of one variant."""
     import torch
     import torch.nn.functional as F
-
     from peftloop.kernels import linear_cross_entropy
 
     torch.manual_seed(0)
@@ -165,7 +164,7 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"ce_memory-{_slug(machine)}"
     stem.with_suffix(".json").write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
-    md = [f"# Loss peak memory: fused linear cross-entropy vs materialised logits",
+    md = ["# Loss peak memory: fused linear cross-entropy vs materialised logits",
           "",
           f"Machine: {machine}; torch {torch.__version__}; {meta['date']}.",
           f"Shape: {args.tokens} tokens, hidden {args.hidden}, vocabulary {args.vocab} (SmolLM2-135M's head)."

@@ -32,10 +32,9 @@ from pathlib import Path
 if "--smoke" in sys.argv and not os.environ.get("TRITON_INTERPRET"):
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 
-import torch  # noqa: E402
-
-import peftloop.kernels as K  # noqa: E402
-from peftloop.kernels import backend  # noqa: E402
+import peftloop.kernels as K
+import torch
+from peftloop.kernels import backend
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -203,7 +202,7 @@ def write(records: list[dict], device, args) -> Path:
     for kernel, x, mode in sorted({(r["kernel"], r["x"], r["mode"]) for r in records}):
         t = {p: index.get((kernel, x, mode, p, "time")) for p in ("peftloop", "eager", "compile")}
         m = {p: index.get((kernel, x, mode, p, "memory")) for p in ("peftloop", "eager")}
-        cell = lambda r: f"{r['p50']:.3f} ({r['p20']:.3f}-{r['p80']:.3f})" if r else "-"  # noqa: E731
+        cell = lambda r: f"{r['p50']:.3f} ({r['p20']:.3f}-{r['p80']:.3f})" if r else "-"
         speed = f"{t['eager']['p50'] / t['peftloop']['p50']:.2f}x" if t["eager"] and t["peftloop"] else "-"
         mem = f"{m['peftloop']['p50']:.0f} / {m['eager']['p50']:.0f}" if m["peftloop"] and m["eager"] else "-"
         lines.append(f"| {kernel} | {x} | {mode} | {cell(t['peftloop'])} | {cell(t['eager'])} | "

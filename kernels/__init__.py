@@ -22,13 +22,11 @@ from .rope import apply_rope, apply_rope_reference
 from .swiglu import swiglu, swiglu_reference
 
 __all__ = [
+    "apply_rope",
+    "apply_rope_reference",
     "backend",
     "backend_for",
     "get_backend",
-    "set_backend",
-    "triton_available",
-    "apply_rope",
-    "apply_rope_reference",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
     "lora_dropout_mask",
@@ -36,6 +34,8 @@ __all__ = [
     "lora_linear_reference",
     "rms_norm",
     "rms_norm_reference",
+    "set_backend",
     "swiglu",
     "swiglu_reference",
+    "triton_available",
 ]

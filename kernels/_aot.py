@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._triton_utils import SHARED_MEMORY_LIMIT, config_dict, prune_configs
+from ._triton_utils import SHARED_MEMORY_LIMIT, prune_configs
 
 # The op modules (``from . import lora_linear`` would give the function of that name, which
 # the package re-exports over its module attribute).
@@ -209,7 +209,7 @@ def compile_all(targets=(80, 90), dtypes=("bf16", "fp32"), quick=True, log=None)
                         try:
                             compiled = triton.compile(ASTSource(jit_fn, signature, constexprs=consts, attrs=attrs),
                                                       target=GPUTarget("cuda", cc, 32), options=opts)
-                        except Exception as error:  # reported, and the test fails on it
+                        except Exception as error:  # noqa: BLE001 (any compile error is reported; the test fails on it)
                             record.update(ok=False, error=f"{type(error).__name__}: {error}"[:2000])
                         else:
                             shared = compiled.metadata.shared

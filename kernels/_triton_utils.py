@@ -77,7 +77,7 @@ def cast(x, dtype: tl.constexpr):
     if INTERPRETER and dtype == tl.bfloat16:
         bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = tl.where(x != x, 0x7FC0, rounded)  # NaN stays a (quiet) NaN
+        rounded = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, rounded)  # NaN stays a (quiet) NaN
         out = rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         out = x.to(dtype)
@@ -93,7 +93,9 @@ def dot_options(device: torch.device) -> dict:
 @functools.cache
 def shared_memory_limit(device_index: int) -> int:
     """Bytes of shared memory one block may use on this CUDA device."""
-    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+    props = torch.cuda.get_device_properties(device_index)
+    limit = getattr(props, "shared_memory_per_block_optin", None)  # absent on ROCm builds
+    return limit or SHARED_MEMORY_LIMIT.get(props.major * 10 + props.minor, 48 * 1024)
 
 
 def autotune(configs, key, interpreter_config, shared_bytes=None):
@@ -127,8 +129,3 @@ def prune_configs(configs, args, shared_bytes, limit):
     """The configs whose shared-memory bound fits ``limit`` (the smallest one if none does)."""
     kept = [c for c in configs if shared_bytes(c, args) <= limit]
     return kept or [min(configs, key=lambda c: shared_bytes(c, args))]
-
-
-def config_dict(config) -> dict:
-    """A ``triton.Config`` as plain data (for the AOT check and the benchmark records)."""
-    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}

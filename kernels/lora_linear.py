@@ -362,7 +362,7 @@ def _lora_forward_triton(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, m
     if M == 0:
         return y, u
     m8, smm, smk = _mask_args(mask2)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _lora_fwd_kernel[grid](
         x2, weight, bias, lora_A, lora_B, m8, y, u, M, N, K, R,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
@@ -373,8 +373,8 @@ def _lora_forward_triton(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, m
     return y, u
 
 
-def _lora_backward_triton(g, x2, weight, lora_A, lora_B, scaling, dropout_p, mode, seed, mask2, needs):
-    need_dx, need_dA, need_dB = needs
+def _lora_backward_triton(g, x2, weight, lora_A, lora_B, scaling, dropout_p, mode, seed, mask2, need_dx, need_dA):
+    """dx (None unless need_dx), dA (None unless need_dA) and gb = dy·B."""
     M, N = g.shape  # N: out features
     K, R = weight.shape[1], lora_A.shape[0]
     m8, smm, smk = _mask_args(mask2)
@@ -386,19 +386,19 @@ def _lora_backward_triton(g, x2, weight, lora_A, lora_B, scaling, dropout_p, mod
         # Without dx only gb = dy·B is wanted: one column of tiles computes it.
         n_cols = K if need_dx else 1
         dx_strides = dx.stride() if need_dx else (0, 0)
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_cols, meta["BLOCK_N"]),)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_cols, meta["BLOCK_N"]),)
         _lora_dx_kernel[grid](
             g, weight, lora_A, lora_B, m8, dx, gb, M, K, N, R,
             g.stride(0), g.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), smm, smk, *dx_strides, gb.stride(0), gb.stride(1),
             scaling, dropout_p, keep_scale, seed, HAS_DX=need_dx, DROPOUT=mode, **opts,
         )
-    dA = dB = None
+    dA = None
     if need_dA:
         splits = _da_splits(M, K, g.device)
         partial = torch.empty((splits, R, K), dtype=torch.float32, device=g.device)
         rows_per_split = triton.cdiv(M, splits)
-        grid = lambda meta: (triton.cdiv(K, meta["BLOCK_N"]), splits)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(K, meta["BLOCK_N"]), splits)
         _lora_da_kernel[grid](
             gb, x2, m8, partial, M, K, R, rows_per_split, gb.stride(0), gb.stride(1), x2.stride(0), x2.stride(1),
             smm, smk, dropout_p, keep_scale, seed, DROPOUT=mode, **opts,
@@ -439,10 +439,10 @@ class LoRALinearTritonFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x2, weight, lora_A, lora_B, u, mask2 = ctx.saved_tensors
         g = grad_y.reshape(-1, weight.shape[0])
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
+        need_dx, need_dA, need_dB = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         dx, dA, _ = _lora_backward_triton(g, x2, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.mode,
-                                          ctx.seed, mask2, needs)
-        dB = (g.t() @ u).mul_(ctx.scaling) if needs[2] else None
+                                          ctx.seed, mask2, need_dx, need_dA)
+        dB = (g.t() @ u).mul_(ctx.scaling) if need_dB else None
         dx = None if dx is None else dx.reshape(ctx.x_shape)
         return dx, None, None, dA, dB, None, None, None, None
 

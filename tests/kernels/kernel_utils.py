@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from peftloop.kernels import backend, triton_available
 from peftloop.kernels._dispatch import interpreting
 

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 from peftloop.kernels import triton_available
 from peftloop.kernels._triton_utils import SHARED_MEMORY_LIMIT
 
@@ -34,7 +33,7 @@ def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot") / "records.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "peftloop.kernels._aot", "--json", str(out)], env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, check=False)
     assert out.exists(), f"the compile check did not finish:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     print(proc.stdout)
     return json.loads(out.read_text()), proc

@@ -3,12 +3,10 @@ materialised reference ``F.cross_entropy(F.linear(h, W, b).float(), y)``."""
 
 import pytest
 import torch
-
+from kernel_utils import DEVICE, DTYPES, IMPLS, assert_grads_close, fp32_copy, grads, randn, run
 from peftloop.kernels import linear_cross_entropy
 from peftloop.kernels.linear_cross_entropy import CPU_CHUNK_FACTOR, chunk_rows, linear_cross_entropy_reference
-
 from tolerances import assert_close
-from kernel_utils import DEVICE, DTYPES, IMPLS, assert_grads_close, fp32_copy, grads, randn, run
 
 N, H, V = 13, 24, 77  # 4-row chunks (the last one short); 3 vocabulary blocks in the interpreter
 

@@ -6,12 +6,10 @@ import logging
 import numpy as np
 import pytest
 import torch
-
+from kernel_utils import DEVICE, DTYPES, IMPLS, TRITON_RUNS, assert_grads_close, fp32_copy, grads, randn, run
 from peftloop.kernels import backend, lora_dropout_mask, lora_linear
 from peftloop.kernels.lora_linear import MAX_RANK, lora_linear_reference
-
 from tolerances import assert_close
-from kernel_utils import DEVICE, DTYPES, IMPLS, TRITON_RUNS, assert_grads_close, fp32_copy, grads, randn, run
 
 BATCH, SEQ, IN, OUT, RANK = 3, 7, 35, 19, 5  # 21 rows: 2 row tiles, 3 steps over K, 2 column tiles
 SCALING = 2.0

@@ -8,13 +8,12 @@ kernels, under ``backend("reference")`` the references, with no change to the mo
 
 import pytest
 import torch
+from kernel_utils import DEVICE, IMPLS, run
+from tolerances import assert_close, assert_no_less_accurate
 
 from peftloop.config import LoraConfig
 from peftloop.inject import inject_lora
 from peftloop.models.llama import LlamaConfig, LlamaForCausalLM
-
-from tolerances import assert_close, assert_no_less_accurate
-from kernel_utils import DEVICE, IMPLS, run
 
 VOCAB, BATCH, SEQ = 67, 2, 6
 

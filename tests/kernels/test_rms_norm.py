@@ -2,12 +2,10 @@
 
 import pytest
 import torch
-
+from kernel_utils import DTYPES, IMPLS, assert_grads_close, fp32_copy, grads, randn, run
 from peftloop.kernels import rms_norm
 from peftloop.kernels.rms_norm import rms_norm_reference
-
 from tolerances import assert_close
-from kernel_utils import DTYPES, IMPLS, assert_grads_close, fp32_copy, grads, randn, run
 
 
 def _check(impl, x, weight, dtype, eps=1e-6):

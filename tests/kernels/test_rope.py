@@ -2,12 +2,10 @@
 
 import pytest
 import torch
-
+from kernel_utils import DEVICE, DTYPES, IMPLS, assert_grads_close, fp32_copy, grads, randn, run
 from peftloop.kernels import apply_rope
 from peftloop.kernels.rope import apply_rope_reference
-
 from tolerances import assert_close
-from kernel_utils import DEVICE, DTYPES, IMPLS, assert_grads_close, fp32_copy, grads, randn, run
 
 
 def _cos_sin(batch, seq, dim, dtype, seed=0):

@@ -2,12 +2,10 @@
 
 import pytest
 import torch
-
+from kernel_utils import DTYPES, IMPLS, assert_grads_close, fp32_copy, grads, randn, run
 from peftloop.kernels import swiglu
 from peftloop.kernels.swiglu import swiglu_reference
-
 from tolerances import assert_close
-from kernel_utils import DTYPES, IMPLS, assert_grads_close, fp32_copy, grads, randn, run
 
 SHAPES = [(3, 5, 77), (1, 33), (2, 1, 7)]
 

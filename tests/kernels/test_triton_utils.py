@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from kernel_utils import DEVICE, TRITON_RUNS
 
 pytestmark = pytest.mark.skipif(not TRITON_RUNS, reason="no Triton")
@@ -10,7 +9,6 @@ pytestmark = pytest.mark.skipif(not TRITON_RUNS, reason="no Triton")
 if TRITON_RUNS:
     import triton
     import triton.language as tl
-
     from peftloop.kernels._triton_utils import cast, dot
 
     @triton.jit
