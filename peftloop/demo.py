@@ -40,22 +40,25 @@ DEMO_LORA = dict(r=16, lora_alpha=32, target_modules="all-linear", modules_to_sa
 
 
 def build_tokenizer():
-    """A character-level tokenizer built with the tokenizers library (saved as a real tokenizer.json)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """A character-level tokenizer built with the tokenizers library (saved as a real tokenizer.json).
+    Encoding with special tokens puts <s> first, as Llama's tokenizers do."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     vocab = {tok: i for i, tok in enumerate([*SPECIAL, SEPARATOR, *LETTERS])}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
     tokenizer.add_special_tokens(SPECIAL)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                             special_tokens=[("<s>", BOS_ID)])
     return tokenizer
 
 
 def save_tokenizer(tokenizer, folder: Path) -> None:
     tokenizer.save(str(folder / "tokenizer.json"))
     special = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
-    config = {**special, "model_max_length": 64, "tokenizer_class": "PreTrainedTokenizerFast",
-              "clean_up_tokenization_spaces": False}
+    config = {**special, "add_bos_token": True, "add_eos_token": False, "model_max_length": 64,
+              "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
@@ -144,7 +147,23 @@ def run_demo(output_dir: str | Path = "peftloop-demo", train_overrides: dict | N
     print(f"[demo] loss {losses[0]:.3f} -> {losses[-1]:.4f} over {result.global_step} steps "
           f"(eval loss {summary['eval_loss']:.4f})")
     print(f"[demo] reversal exact match on 100 held-out words: {before:.0%} before -> {after:.0%} after")
-    for word, text in samples[:3]:
-        print(f"[demo]   {word}= -> {text!r}")
+    show_before_and_after(model, base_dir, [f"{w}{SEPARATOR}" for w, _ in samples[:3]])
     print(f"[demo] adapter (PEFT format) -> {summary['adapter']}   ({summary['wall_time_s']} s)")
+    print(f"[demo] try: peftloop generate --model {base_dir} --adapter {summary['adapter']} --compare "
+          f"--prompt {samples[0][0]}{SEPARATOR}")
     return summary
+
+
+def show_before_and_after(model, base_dir: Path, prompts: list[str]) -> None:
+    """What ``peftloop generate --compare`` prints: the base model's and the adapter's greedy outputs,
+    through the tokenizer files saved with the base."""
+    from peftloop.generate import generate_text
+    from peftloop.inject import disable_adapters
+    from peftloop.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(base_dir)
+    with disable_adapters(model):
+        before = generate_text(model, tokenizer, prompts, max_new_tokens=9)
+    after = generate_text(model, tokenizer, prompts, max_new_tokens=9)
+    for prompt, old, new in zip(prompts, before, after):
+        print(f"[demo]   {prompt} base: {old!r:14} -> with the adapter: {new!r}")

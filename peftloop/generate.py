@@ -2,6 +2,7 @@
 
 Prompts of different lengths are padded on the left, so every row's next token sits in the
 last column; the attention mask hides the pads and position ids count real tokens only.
+``generate`` works on token ids; ``generate_text`` adds the tokenizer (``peftloop generate``).
 """
 
 from __future__ import annotations
@@ -76,3 +77,19 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_token_id:
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     model.train(was_training)
     return out
+
+
+def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, chat: bool = False,
+                  system: str | None = None, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+    """Text in, text out: each prompt encoded (or formatted as one user turn with the chat template
+    when ``chat``), continued until a stop token, decoded without special tokens."""
+    if chat:
+        before = [{"role": "system", "content": system}] if system else []
+        prompt_ids = [tokenizer.apply_chat_template([*before, {"role": "user", "content": p}],
+                                                    add_generation_prompt=True) for p in prompts]
+    else:
+        prompt_ids = [tokenizer.encode(p) for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    outputs = generate(model, prompt_ids, max_new_tokens, eos_token_id=tokenizer.stop_token_ids, pad_token_id=pad,
+                       temperature=temperature, top_p=top_p, generator=torch.Generator().manual_seed(seed))
+    return [tokenizer.decode(ids) for ids in outputs]
