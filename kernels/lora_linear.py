@@ -447,7 +447,7 @@ class LoRALinearTritonFunction(torch.autograd.Function):
         return dx, None, None, dA, dB, None, None, None, None
 
 
-def _triton_ineligible(x, weight, bias, lora_A, lora_B, dropout_mask) -> str | None:
+def _triton_ineligible(x, weight, bias, lora_A, lora_B) -> str | None:
     """Why the Triton path cannot run this call (None when it can)."""
     tensors = [x, weight, lora_A, lora_B] + ([] if bias is None else [bias])
     if len({t.dtype for t in tensors}) != 1:
@@ -493,7 +493,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, dropout
         x, weight, lora_A, lora_B = x.to(dtype), weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     if impl == "triton":
-        reason = _triton_ineligible(x, weight, bias, lora_A, lora_B, dropout_mask)
+        reason = _triton_ineligible(x, weight, bias, lora_A, lora_B)
         if reason is None:
             if dropout_p > 0.0 and dropout_mask is None and seed is None:
                 seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
