@@ -169,3 +169,33 @@ def test_missing_and_broken_files(folder):
     (folder / "config.json").unlink()
     with pytest.raises(CheckpointFormatError, match="config.json: not found"):
         load_pretrained(folder)
+
+
+def test_conversion_through_a_small_buffer_rounds_like_to(folder, monkeypatch):
+    """An fp32 file loaded as bf16 goes through a buffer (here 1 KiB, so every matrix takes many
+    chunks); the result is exactly tensor.to(bf16)."""
+    import peftloop.models
+
+    monkeypatch.setattr(peftloop.models, "CONVERSION_CHUNK_BYTES", 1022)  # not a multiple of 4 either
+    reference = load_file(folder / "model.safetensors")
+    loaded = load_pretrained(folder, dtype="bf16").state_dict()
+    for key, tensor in reference.items():
+        assert torch.equal(loaded[key], tensor.to(torch.bfloat16)), key
+
+
+def test_truncated_and_quantized_files(folder):
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(CheckpointFormatError, match=r"data offsets .* do not fit it or the file \(truncated"):
+        load_pretrained(folder)
+    tensors = load_file_from_bytes(data)
+    tensors["model.norm.weight"] = torch.zeros(32, dtype=torch.int8)
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointFormatError, match="'model.norm.weight' has dtype I8; .* not quantized ones"):
+        load_pretrained(folder)
+
+
+def load_file_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(data)

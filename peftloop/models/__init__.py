@@ -13,11 +13,11 @@ are ``peftloop.models.llama.LlamaForCausalLM`` with the family's switches (see `
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from peftloop.models.llama import FAMILIES, LlamaConfig, LlamaForCausalLM, rope_inverse_frequencies
@@ -94,15 +94,98 @@ def _skipped_key(key: str, tied: bool) -> bool:
     return (tied and key == "lm_head.weight") or key.endswith("rotary_emb.inv_freq")
 
 
+# --------------------------------------------------------------------------------------------
+# Reading safetensors files tensor by tensor, straight into the target dtype
+#
+# A safetensors file is an 8-byte little-endian header length, a JSON header {name: {"dtype",
+# "shape", "data_offsets": [begin, end]}} and the raw little-endian data. Reading it with plain
+# file reads (not a memory map) keeps the peak at the loaded weights plus one small buffer: a
+# memory-mapped fp32 file would stay resident, whole, while it is converted to bf16.
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+CONVERSION_CHUNK_BYTES = 16 << 20  # a tensor of another dtype is converted through a buffer this size
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+    """({tensor name: entry}, byte offset of the data) of a safetensors file, every entry checked."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little") if size >= 8 else 0
+        if not 2 <= length <= size - 8:
+            raise CheckpointFormatError(f"{path}: not a valid safetensors file (header length {length}, "
+                                        f"file size {size})")
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointFormatError(f"{path}: not a valid safetensors file (header: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointFormatError(f"{path}: not a valid safetensors file (the header is not an object)")
+    header.pop("__metadata__", None)
+    data_start = 8 + length
+    for key, entry in header.items():
+        _check_entry(path, key, entry, size - data_start)
+    return header, data_start
+
+
+def _check_entry(path: Path, key: str, entry, data_size: int) -> None:
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+    except (TypeError, KeyError, ValueError):
+        raise CheckpointFormatError(f"{path}: tensor {key!r} has a malformed header entry: {entry!r}") from None
+    if dtype not in SAFETENSORS_DTYPES:
+        raise CheckpointFormatError(f"{path}: tensor {key!r} has dtype {dtype}; peftloop loads floating-point "
+                                    f"weights ({', '.join(SAFETENSORS_DTYPES)}), not quantized ones")
+    nbytes = SAFETENSORS_DTYPES[dtype].itemsize
+    for n in shape:
+        nbytes *= n
+    if not 0 <= begin <= end <= data_size or end - begin != nbytes:
+        raise CheckpointFormatError(f"{path}: tensor {key!r} ({dtype} {tuple(shape)}) has data offsets "
+                                    f"[{begin}, {end}] that do not fit it or the file (truncated download?)")
+
+
+def read_tensor(f, offset: int, entry: dict, dtype: torch.dtype, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """One tensor of an open safetensors file, allocated once in ``dtype``. Another file dtype is
+    converted chunk by chunk through ``buffer`` (bytes; one buffer serves every tensor, so no
+    freed chunks pile up in the allocator), so no full-size copy in the file's dtype ever exists."""
+    file_dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+    out = torch.empty(entry["shape"], dtype=dtype)
+    flat = out.view(-1)
+    f.seek(offset + entry["data_offsets"][0])
+    if file_dtype == dtype:
+        _read_into(f, flat)
+        return out
+    if buffer is None:
+        buffer = torch.empty(CONVERSION_CHUNK_BYTES, dtype=torch.uint8)
+    step = max(1, buffer.numel() // file_dtype.itemsize)
+    for begin in range(0, flat.numel(), step):
+        n = min(step, flat.numel() - begin)
+        chunk = buffer[:n * file_dtype.itemsize].view(file_dtype)
+        _read_into(f, chunk)
+        flat[begin:begin + n].copy_(chunk)  # the same rounding as .to(dtype)
+    return out
+
+
+def _read_into(f, tensor: torch.Tensor) -> None:
+    view = memoryview(tensor.view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
+    while view.nbytes:
+        n = f.readinto(view)
+        if not n:
+            raise CheckpointFormatError(f"{f.name}: ends before the data of a tensor (truncated file?)")
+        view = view[n:]
+
+
 def load_pretrained(name_or_path: str | Path, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu",
                     revision: str | None = None, cache_dir: str | Path | None = None):
     """Load a HF-format causal LM (a local folder or a hub id) straight into ``dtype`` on ``device``.
 
-    Each tensor is read from its file, checked against the shape the config implies, and
-    converted to ``dtype`` on ``device`` before the next one is read, so the peak is the
-    weights in ``dtype`` plus one tensor in the file's dtype."""
+    The model is built on the meta device (no memory); each tensor is then checked against the
+    shape the config implies, read from its file into a tensor of ``dtype`` and moved to
+    ``device`` before the next one is read. The peak is the weights in ``dtype`` plus one
+    conversion buffer (benchmarks/load_memory.py measures it)."""
     from peftloop.hub import resolve_model
 
+    if sys.byteorder != "little":
+        raise RuntimeError("peftloop reads safetensors (little-endian) on little-endian machines only")
     folder = resolve_model(name_or_path, revision=revision, cache_dir=cache_dir)
     config, model_cls = config_from_folder(folder)
     dtype = parse_dtype(dtype)
@@ -111,23 +194,20 @@ def load_pretrained(name_or_path: str | Path, dtype: str | torch.dtype = "fp32",
     expected = model.state_dict()
     tied = config.tie_word_embeddings
     loaded: dict[str, torch.Tensor] = {}
+    buffer = torch.empty(CONVERSION_CHUNK_BYTES, dtype=torch.uint8)
     for path in weight_files(folder):
-        try:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    if key not in expected:
-                        if _skipped_key(key, tied):
-                            continue
-                        raise CheckpointFormatError(f"{path}: unexpected tensor {key!r} for {model_cls.__name__} "
-                                                    f"(model_type {config.model_type!r})")
-                    shape = tuple(f.get_slice(key).get_shape())
-                    if shape != tuple(expected[key].shape):
-                        raise CheckpointFormatError(
-                            f"{path}: tensor {key!r} has shape {shape}, the config implies "
-                            f"{tuple(expected[key].shape)}")
-                    loaded[key] = f.get_tensor(key).to(device=device, dtype=dtype)  # one tensor at a time
-        except SafetensorError as e:
-            raise CheckpointFormatError(f"{path}: not a valid safetensors file ({e})") from None
+        header, data_start = safetensors_header(path)
+        with open(path, "rb") as f:
+            for key, entry in header.items():
+                if key not in expected:
+                    if _skipped_key(key, tied):
+                        continue
+                    raise CheckpointFormatError(f"{path}: unexpected tensor {key!r} for {model_cls.__name__} "
+                                                f"(model_type {config.model_type!r})")
+                if tuple(entry["shape"]) != tuple(expected[key].shape):
+                    raise CheckpointFormatError(f"{path}: tensor {key!r} has shape {tuple(entry['shape'])}, the "
+                                                f"config implies {tuple(expected[key].shape)}")
+                loaded[key] = read_tensor(f, data_start, entry, dtype, buffer).to(device)
     missing = [k for k in expected if k not in loaded and not (tied and k == "lm_head.weight")]
     if missing:
         raise CheckpointFormatError(f"{folder}: {len(missing)} tensor(s) missing for {model_cls.__name__}: "
