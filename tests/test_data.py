@@ -289,3 +289,40 @@ def test_eval_file_is_used_as_is(tmp_path, tokenizer):
     train, evaluation = load_datasets(DataConfig(train_file=str(train_path), eval_file=str(eval_path),
                                                  eval_split=0.5, packing=True), tokenizer)
     assert len(train) == 1 and len(evaluation) == 1 and "position_ids" not in evaluation[0]
+
+
+# ---- resume through the loop ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["streaming", "grouped"])
+def test_resume_with_streamed_or_grouped_data_is_bit_exact(tmp_path, tokenizer, kind):
+    """The loop resumes by skipping the micro-batches of the epoch it had consumed; with a
+    streaming dataset (shuffle buffer) or length grouping that must land on the same examples."""
+    from peftloop.callbacks import Callback
+    from peftloop.checkpoint import read_safetensors
+    from peftloop.config import LoraConfig, TrainConfig
+    from peftloop.inject import inject_lora
+    from peftloop.train import train
+
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "word " * (i % 5 + 1) + f"line {i}"} for i in range(11)])
+    config = DataConfig(train_file=str(path), streaming=kind == "streaming", group_by_length=kind == "grouped",
+                        shuffle_buffer=4)
+    data, _ = load_datasets(config, tokenizer)
+
+    class StopAt(Callback):
+        def on_step_end(self, state, metrics):
+            state.should_stop = state.global_step == 5
+
+    def run(out, callbacks=(), resume=None):
+        model = tiny_model(vocab_size=tokenizer.vocab_size)
+        torch.manual_seed(0)
+        inject_lora(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        cfg = TrainConfig(output_dir=str(out), max_steps=9, micro_batch_size=3, save_every=5, progress_bar=False,
+                          learning_rate=1e-2, resume_from_checkpoint=resume)
+        train(model, data, None, cfg, callbacks=list(callbacks))
+        return read_safetensors(out / "adapter" / "adapter_model.safetensors")
+
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "resumed", callbacks=[StopAt()])
+    resumed = run(tmp_path / "resumed", resume=True)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
