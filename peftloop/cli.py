@@ -19,8 +19,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from peftloop.config import (ConfigError, DataConfig, LoraConfig, ModelConfig, TrainConfig, build, load_toml,
-                             parse_overrides)
+from peftloop.config import (
+    ConfigError,
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    TrainConfig,
+    build,
+    load_toml,
+    parse_overrides,
+)
 
 SCHEMA = {"train": TrainConfig, "lora": LoraConfig, "model": ModelConfig, "data": DataConfig}
 

@@ -9,7 +9,13 @@ import torch
 from peftloop.cli import main
 from peftloop.models import load_pretrained, save_pretrained
 from peftloop.models.llama import LlamaConfig, LlamaForCausalLM
-from tests.hf_builders import FAMILIES, build_checkpoint, load_reference, save_tokenizer_files, train_tokenizer
+from tests.hf_builders import (
+    FAMILIES,
+    build_checkpoint,
+    load_reference,
+    save_tokenizer_files,
+    train_tokenizer,
+)
 
 QA = [("What colour is the sky?", "Blue."), ("How many legs does a spider have?", "Eight."),
       ("Which planet is closest to the sun?", "Mercury."), ("What do bees make?", "Honey.")]

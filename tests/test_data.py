@@ -10,11 +10,20 @@ import torch
 import torch.nn.functional as F
 
 from peftloop.config import DataConfig
-from peftloop.data import (IGNORE_INDEX, DataError, ExampleBuilder, SFTDataset, StreamingSFTDataset, collate,
-                           load_datasets, micro_batches, pack)
+from peftloop.data import (
+    IGNORE_INDEX,
+    DataError,
+    ExampleBuilder,
+    SFTDataset,
+    StreamingSFTDataset,
+    collate,
+    load_datasets,
+    micro_batches,
+    pack,
+)
 from peftloop.tokenizer import Tokenizer
-from tests.hf_builders import build_tokenizer_folder
 from tests.helpers import tiny_model
+from tests.hf_builders import build_tokenizer_folder
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What colour is the sky?"},
         {"role": "assistant", "content": "Blue, on a clear day."}, {"role": "user", "content": "And bees?"},
