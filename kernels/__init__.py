@@ -17,11 +17,19 @@ module's other names with ``from peftloop.kernels.rms_norm import rms_norm_refer
 from ._dispatch import backend, backend_for, get_backend, set_backend, triton_available
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from .lora_linear import lora_dropout_mask, lora_linear, lora_linear_reference
+from .nf4 import (
+    NF4State,
+    nf4_dequantize,
+    nf4_dequantize_reference,
+    nf4_lora_linear,
+    nf4_lora_linear_reference,
+)
 from .rms_norm import rms_norm, rms_norm_reference
 from .rope import apply_rope, apply_rope_reference
 from .swiglu import swiglu, swiglu_reference
 
 __all__ = [
+    "NF4State",
     "apply_rope",
     "apply_rope_reference",
     "backend",
@@ -32,6 +40,10 @@ __all__ = [
     "lora_dropout_mask",
     "lora_linear",
     "lora_linear_reference",
+    "nf4_dequantize",
+    "nf4_dequantize_reference",
+    "nf4_lora_linear",
+    "nf4_lora_linear_reference",
     "rms_norm",
     "rms_norm_reference",
     "set_backend",
