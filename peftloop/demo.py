@@ -15,6 +15,7 @@ setting can be overridden: ``peftloop train --max_steps 100 --r 8``.
 
 from __future__ import annotations
 
+import builtins
 import json
 import random
 import time
@@ -22,12 +23,13 @@ from pathlib import Path
 
 import torch
 
+from peftloop import distributed
 from peftloop.config import LoraConfig, TrainConfig
 from peftloop.generate import generate
 from peftloop.inject import describe_trainable, inject_lora
 from peftloop.models import load_pretrained, save_pretrained
 from peftloop.models.llama import LlamaConfig, LlamaForCausalLM
-from peftloop.train import train
+from peftloop.train import resolve_device, train
 
 LETTERS = "abcdefghijklmnop"
 SPECIAL = ["<pad>", "<s>", "</s>"]
@@ -106,14 +108,19 @@ def run_demo(output_dir: str | Path = "peftloop-demo", train_overrides: dict | N
     train_config = TrainConfig(**{**DEMO_TRAIN, "output_dir": str(output_dir), **(train_overrides or {})})
     lora_config = LoraConfig(**{**DEMO_LORA, **(lora_overrides or {})})
     torch.manual_seed(train_config.seed)
+    # Under torchrun every rank runs this function: rank 0 alone writes and prints.
+    dist_, _ = distributed.setup(train_config.strategy, resolve_device(train_config.device))
+    print = builtins.print if dist_.is_main else (lambda *args, **kwargs: None)  # noqa: A001
 
     # 1. the base model, written in Hugging Face format
     tokenizer = build_tokenizer()
     base = LlamaForCausalLM(base_config(tokenizer.get_vocab_size()))
     base.init_weights(torch.Generator().manual_seed(0))
     base_dir = output_dir / "base"
-    save_pretrained(base, base_dir)
-    save_tokenizer(tokenizer, base_dir)
+    if dist_.is_main:
+        save_pretrained(base, base_dir)
+        save_tokenizer(tokenizer, base_dir)
+    distributed.barrier(dist_)
     print(f"[demo] base model ({sum(p.numel() for p in base.parameters()):,} params) -> {base_dir}")
 
     # 2. data: held-out words never appear in training
@@ -147,14 +154,14 @@ def run_demo(output_dir: str | Path = "peftloop-demo", train_overrides: dict | N
     print(f"[demo] loss {losses[0]:.3f} -> {losses[-1]:.4f} over {result.global_step} steps "
           f"(eval loss {summary['eval_loss']:.4f})")
     print(f"[demo] reversal exact match on 100 held-out words: {before:.0%} before -> {after:.0%} after")
-    show_before_and_after(model, base_dir, [f"{w}{SEPARATOR}" for w, _ in samples[:3]])
+    show_before_and_after(model, base_dir, [f"{w}{SEPARATOR}" for w, _ in samples[:3]], print)
     print(f"[demo] adapter (PEFT format) -> {summary['adapter']}   ({summary['wall_time_s']} s)")
     print(f"[demo] try: peftloop generate --model {base_dir} --adapter {summary['adapter']} --compare "
           f"--prompt {samples[0][0]}{SEPARATOR}")
     return summary
 
 
-def show_before_and_after(model, base_dir: Path, prompts: list[str]) -> None:
+def show_before_and_after(model, base_dir: Path, prompts: list[str], print=builtins.print) -> None:  # noqa: A002
     """What ``peftloop generate --compare`` prints: the base model's and the adapter's greedy outputs,
     through the tokenizer files saved with the base."""
     from peftloop.generate import generate_text
