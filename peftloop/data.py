@@ -163,18 +163,37 @@ class DataStats:
         return "; ".join(parts)
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(line number from 1, raw bytes) for each non-blank line, read lazily."""
+MAX_LINE_BYTES = 32 << 20
+"""A JSONL line longer than this (32 MiB: far beyond any training example) is a bad line. It is
+never held in memory whole: reading stops at the limit and the rest of the line is skipped."""
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, bytes | DataError]]:
+    """(line number from 1, raw bytes) for each non-blank line, read lazily; an over-long line
+    comes as (number, DataError) so that the caller can raise it or skip and count it."""
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if raw.strip():
+        number = 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            number += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                size = len(raw)
+                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    size += len(rest)
+                size += len(rest)
+                yield number, DataError(f"{path}:{number}: line of {size:,} bytes is longer than the "
+                                        f"{MAX_LINE_BYTES:,}-byte limit", "line too long")
+            elif raw.strip():
                 yield number, raw
 
 
-def parse_record(raw: bytes, where: str) -> dict[str, Any]:
+def parse_record(raw: "bytes | DataError", where: str) -> dict[str, Any]:
     """One line -> one JSON object. Decoded line by line, so a bad byte is reported at its line."""
+    if isinstance(raw, DataError):
+        raise raw
     try:
         record = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise DataError(f"{where}: invalid JSON (nested too deeply)", "invalid JSON") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})", "invalid UTF-8") from None
     except json.JSONDecodeError as e:
