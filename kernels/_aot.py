@@ -38,9 +38,9 @@ from ._triton_utils import SHARED_MEMORY_LIMIT, prune_configs
 
 # The op modules (``from . import lora_linear`` would give the function of that name, which
 # the package re-exports over its module attribute).
-linear_cross_entropy, lora_linear, rms_norm, rope, swiglu = (
+linear_cross_entropy, lora_linear, nf4, rms_norm, rope, swiglu = (
     importlib.import_module(f"{__package__}.{name}")
-    for name in ("linear_cross_entropy", "lora_linear", "rms_norm", "rope", "swiglu")
+    for name in ("linear_cross_entropy", "lora_linear", "nf4", "rms_norm", "rope", "swiglu")
 )
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -142,6 +142,16 @@ def launches(dtype: torch.dtype) -> list[Launch]:
     es.append(Launch("lora_linear._dropout_mask_kernel", lora_linear._dropout_mask_kernel,
                      dict(mask_ptr=_t(torch.uint8), M=M, K=K, seed=12345, dropout_p=0.1),
                      dict(BLOCK_M=32, BLOCK_K=32)))
+    # NF4 dequantisation of the same gate_proj weight [intermediate, hidden], into the compute dtype;
+    # launched as nf4_dequantize_triton launches it (no fma fusion: the scales round as torch's).
+    for nested in (True, False):
+        es.append(Launch(f"nf4._nf4_dequant_kernel[{'double_quant' if nested else 'fp32_absmax'}]",
+                         nf4._nf4_dequant_kernel,
+                         dict(packed_ptr=_t(torch.uint8), absmax_ptr=_t(torch.uint8 if nested else f32),
+                              nested_absmax_ptr=_t(f32), nested_offset_ptr=_t(f32), code_ptr=_t(f32),
+                              nested_code_ptr=_t(f32), out_ptr=_t(dtype), n_elements=N * K),
+                         dict(BLOCKSIZE=64, NESTED=nested, NESTED_BLOCKSIZE=nf4.NESTED_BLOCKSIZE, BLOCK=nf4.BLOCK_GPU),
+                         [{"num_warps": nf4.NUM_WARPS, "num_stages": 3, "enable_fp_fusion": False}]))
     return es
 
 

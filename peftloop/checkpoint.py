@@ -3,7 +3,12 @@
 Adapter folder (PEFT's format, loadable by ``peft.PeftModel.from_pretrained``)::
 
     adapter_config.json          LoraConfig.to_adapter_config()
-    adapter_model.safetensors    base_model.model.<module>.lora_A.weight / .lora_B.weight, metadata {"format": "pt"}
+    adapter_model.safetensors    base_model.model.<module>.lora_A.weight / .lora_B.weight (DoRA: also
+                                 .lora_magnitude_vector), metadata {"format": "pt"}
+
+An adapter trained from a PiSSA/OLoRA init is written as the plain LoRA of rank 2r that gives
+the same model on the *original* base weights (``inject.adapter_state_dict``), so it loads
+onto the checkpoint the user started from, in PEFT or here, with no residual model to ship.
 
 A training checkpoint ``checkpoint-N/`` is an adapter folder plus::
 
@@ -37,7 +42,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from peftloop.config import ConfigError, LoraConfig
-from peftloop.inject import adapter_state_dict, inject_lora, load_adapter_state_dict, lora_layers, unload
+from peftloop.inject import (
+    adapter_parameters,
+    adapter_state_dict,
+    inject_lora,
+    load_adapter_state_dict,
+    lora_layers,
+    unload,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -209,7 +221,7 @@ def load_adapter(model: nn.Module, directory: str | Path, is_trainable: bool = F
         if injected_here:  # leave the model as it was given to us
             unload(model)
         raise
-    for p in adapter_state_dict(model).values():
+    for p in adapter_parameters(model):
         p.requires_grad_(is_trainable)
     return model
 

@@ -5,8 +5,14 @@
         and writes the adapter in PEFT's format to OUTPUT/adapter. With no model: the offline demo.
     peftloop generate --model NAME_OR_DIR [--adapter DIR] --prompt TEXT [--chat] [--compare] [...]
         Greedy or sampled (--temperature, --top-p) continuation of each prompt, with a KV cache.
-    peftloop merge --base NAME_OR_DIR --adapter DIR --out DIR [--dtype bf16]
-        Folds an adapter into its base model and writes a full Hugging Face checkpoint.
+    peftloop merge --base NAME_OR_DIR --adapter DIR --out DIR [--dtype bf16] [--quantization nf4]
+        Folds an adapter into its base model and writes a full Hugging Face checkpoint. With
+        --quantization nf4 (an adapter trained with QLoRA): onto the dequantised 4-bit base.
+
+The LoRA variants are settings: QLoRA ``--quantization nf4`` (4-bit base, [model]), gradient
+checkpointing ``--gradient_checkpointing true [--offload_activations true]`` ([model]), DoRA
+``--use_dora true``, PiSSA/OLoRA ``--init_lora_weights pissa|pissa_niter_4|olora``, rsLoRA
+``--use_rslora true`` ([lora]), LoRA+ ``--loraplus_lr_ratio 16`` ([train]).
 
 ``--key value`` sets any field of the [train], [lora], [model] or [data] sections (``--lora.r 16``
 when a name is in two sections); the TOML file has the same sections. Unknown keys are an error
@@ -57,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p_gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     p_gen.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
     p_gen.add_argument("--revision", help="hub revision (branch, tag or commit) of --model")
+    p_gen.add_argument("--quantization", choices=["nf4"], help="load the base in 4 bits (as QLoRA trained it)")
 
     p_merge = sub.add_parser("merge", allow_abbrev=False, help="merge an adapter into its base model")
     p_merge.add_argument("--base", required=True, help="the base model: a Hugging Face Hub id or a local folder")
@@ -64,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     p_merge.add_argument("--out", required=True, help="where to write the merged model")
     p_merge.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: the base's dtype)")
     p_merge.add_argument("--revision", help="hub revision (branch, tag or commit) of --base")
+    p_merge.add_argument("--quantization", choices=["nf4"],
+                         help="merge onto the 4-bit base the adapter was trained on (QLoRA): dequantised, "
+                              "merged in fp32, saved in --dtype (default bf16)")
 
     args, rest = parser.parse_known_args(argv)
     try:
@@ -124,7 +134,7 @@ def train_model(model_config: ModelConfig, data_config: DataConfig, train_values
     from peftloop.data import collate, load_datasets
     from peftloop.hub import resolve_model
     from peftloop.inject import describe_trainable, inject_lora
-    from peftloop.models import load_pretrained
+    from peftloop.models import enable_gradient_checkpointing, load_pretrained
     from peftloop.tokenizer import Tokenizer
     from peftloop.train import train
 
@@ -148,10 +158,13 @@ def train_model(model_config: ModelConfig, data_config: DataConfig, train_values
         print(f"peftloop: eval data {data_config.eval_file or f'{data_config.eval_split:.0%} of the train file'}: "
               f"{eval_data.stats.summary()}")
 
-    model = load_pretrained(folder, dtype=model_config.dtype)
-    model.model.gradient_checkpointing = model_config.gradient_checkpointing
+    model = load_pretrained(folder, dtype=model_config.dtype, quantization=model_config.quantization,
+                            quant_blocksize=model_config.quant_blocksize, double_quant=model_config.double_quant)
+    if model_config.gradient_checkpointing:
+        enable_gradient_checkpointing(model, offload=model_config.offload_activations)
     inject_lora(model, lora_config)
-    print(f"peftloop: {model_config.name_or_path} ({model.config.model_type}, {model_config.dtype}): "
+    held = f"{model_config.dtype}" + (f", {model_config.quantization} base" if model_config.quantization else "")
+    print(f"peftloop: {model_config.name_or_path} ({model.config.model_type}, {held}): "
           f"{describe_trainable(model)}")
     pad = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
     result = train(model, train_data, eval_data, train_config, collate_fn=functools.partial(collate, pad_id=pad))
@@ -178,7 +191,7 @@ def _generate(args) -> int:
         raise ConfigError("--compare needs --adapter (it prints the base model's output beside the adapter's)")
     folder = resolve_model(args.model, revision=args.revision)
     tokenizer = Tokenizer.from_pretrained(folder)
-    model = load_pretrained(folder, dtype=args.dtype)
+    model = load_pretrained(folder, dtype=args.dtype, quantization=args.quantization)
     if args.adapter:
         load_adapter(model, args.adapter)
 
@@ -199,6 +212,10 @@ def _generate(args) -> int:
 
 
 def _merge(args) -> int:
+    import warnings
+
+    import torch
+
     from peftloop.checkpoint import load_adapter
     from peftloop.hub import resolve_model
     from peftloop.inject import merge_and_unload
@@ -206,9 +223,20 @@ def _merge(args) -> int:
 
     dtype = parse_dtype(args.dtype) if args.dtype else None
     folder = resolve_model(args.base, revision=args.revision)
-    model = load_pretrained(folder, dtype="fp32")  # merge in fp32, then cast
-    load_adapter(model, args.adapter)
-    merge_and_unload(model)
+    if args.quantization:
+        # The adapter learned against dequant(W4), not W: merge onto that, in fp32, then round.
+        dtype = dtype or torch.bfloat16
+        model = load_pretrained(folder, dtype=dtype, quantization=args.quantization)
+        load_adapter(model, args.adapter)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            merge_and_unload(model, dtype=dtype)
+        for warning in caught:
+            print(f"peftloop: warning: {warning.message}", file=sys.stderr)
+    else:
+        model = load_pretrained(folder, dtype="fp32")  # merge in fp32, then cast
+        load_adapter(model, args.adapter)
+        merge_and_unload(model)
     if dtype is None:
         config = read_config_json(folder)
         saved = config.get("torch_dtype") or config.get("dtype") or "float32"

@@ -75,8 +75,10 @@ class LoraConfig:
         if self.fan_in_fan_out:
             raise ConfigError("lora.fan_in_fan_out=True: peftloop adapts nn.Linear only (no Conv1D)")
         inits = (True, False, "gaussian", "pissa", "olora")
-        if self.init_lora_weights not in inits and not str(self.init_lora_weights).startswith("pissa_niter_"):
-            raise ConfigError(f"lora.init_lora_weights={self.init_lora_weights!r}: expected one of {inits}")
+        niter = re.fullmatch(r"pissa_niter_(\d+)", str(self.init_lora_weights))
+        if self.init_lora_weights not in inits and not (niter and int(niter.group(1)) >= 1):
+            raise ConfigError(f"lora.init_lora_weights={self.init_lora_weights!r}: expected one of {inits} "
+                              "or 'pissa_niter_K' (K >= 1 subspace iterations)")
         for key, value in {**self.rank_pattern, **self.alpha_pattern}.items():
             try:
                 re.compile(key)
@@ -91,9 +93,24 @@ class LoraConfig:
 
     # adapter_config.json ------------------------------------------------------------------
 
+    @property
+    def mutates_base(self) -> bool:
+        """True for PiSSA/OLoRA: the init moves part of W into the adapter (W becomes a residual)."""
+        return isinstance(self.init_lora_weights, str) and self.init_lora_weights.startswith(("pissa", "olora"))
+
     def to_adapter_config(self) -> dict[str, Any]:
-        """The dict written as adapter_config.json: PEFT's keys, loadable by peft.PeftModel."""
+        """The dict written as adapter_config.json: PEFT's keys, loadable by peft.PeftModel.
+
+        A PiSSA/OLoRA adapter is saved as a plain LoRA of rank 2r on the original weights (see
+        ``inject.adapter_state_dict``), as PEFT's ``path_initial_model_for_weight_conversion``
+        writes it: r (and rank_pattern) doubled, lora_alpha (and alpha_pattern) scaled so that the
+        scaling is unchanged (x2; x√2 with rsLoRA), init_lora_weights True."""
         d = dataclasses.asdict(self)
+        if self.mutates_base:
+            alpha_factor = 2**0.5 if self.use_rslora else 2
+            d.update(r=2 * self.r, lora_alpha=self.lora_alpha * alpha_factor, init_lora_weights=True,
+                     rank_pattern={k: 2 * v for k, v in self.rank_pattern.items()},
+                     alpha_pattern={k: v * alpha_factor for k, v in self.alpha_pattern.items()})
         if isinstance(d["target_modules"], (list, tuple)):
             d["target_modules"] = sorted(d["target_modules"])
         d.update(peft_type="LORA", inference_mode=True, revision=None, layers_to_transform=None,
@@ -278,11 +295,30 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass instead of keeping them:
     much less activation memory for about a third more compute."""
+    offload_activations: bool = False
+    """With gradient_checkpointing: keep each layer's checkpointed input in pinned CPU memory
+    instead of on the GPU (Unsloth's offloaded checkpointing; pays off above ~512 tokens)."""
+    quantization: str | None = None
+    """None, or "nf4" (QLoRA): every Linear layer but the output head is held in 4-bit
+    NormalFloat, quantised as the checkpoint streams in, frozen. dtype is then the dtype of
+    everything else (embeddings, norms, head) and of the 4-bit layers' computation (bf16 on a GPU)."""
+    double_quant: bool = True
+    """With quantization: store the 4-bit block scales in 8 bits too (QLoRA's double
+    quantisation: 4.127 instead of 4.5 bits per weight)."""
+    quant_blocksize: int = 64
+    """With quantization: consecutive weights sharing one scale (QLoRA: 64; a power of two, 32-4096)."""
 
     def __post_init__(self):
         _check_types(self, "model")
         if self.dtype not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"model.dtype={self.dtype!r}: expected 'fp32', 'bf16' or 'fp16'")
+        if self.quantization not in (None, "nf4"):
+            raise ConfigError(f"model.quantization={self.quantization!r}: expected 'nf4' (or none)")
+        if self.quant_blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise ConfigError(f"model.quant_blocksize={self.quant_blocksize}: expected a power of two in 32..4096")
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise ConfigError("model.offload_activations=true needs model.gradient_checkpointing=true "
+                              "(it offloads the inputs that checkpointing keeps)")
 
 
 DATA_FORMATS = ("auto", "text", "prompt_completion", "messages")

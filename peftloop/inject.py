@@ -14,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import warnings
 
 import torch
 import torch.nn as nn
 
 from peftloop.config import LoraConfig
-from peftloop.lora import LoRALinear, TrainableCopy
+from peftloop.lora import BASE_LAYERS, LoRALinear, TrainableCopy
+from peftloop.nf4 import NF4Linear
 
 PREFIX = "base_model.model."  # PEFT's on-disk prefix: PeftModel.base_model (LoraModel).model
 
@@ -57,7 +59,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     skip = _adapter_internals(model)
     if config.target_modules == "all-linear":
         heads = output_head_names(model)
-        candidates = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in heads]
+        candidates = [n for n, m in model.named_modules() if isinstance(m, BASE_LAYERS) and n not in heads]
     else:
         candidates = [n for n, m in model.named_modules() if matches(n, config.target_modules)]
     found = []
@@ -67,13 +69,14 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
             raise ValueError(f"module {name!r} already has a LoRA adapter")
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, BASE_LAYERS):
             raise ValueError(
-                f"target {name!r} is a {type(module).__name__}; peftloop adapts nn.Linear modules only"
+                f"target {name!r} is a {type(module).__name__}; peftloop adapts nn.Linear (and 4-bit NF4Linear) "
+                "modules only"
             )
         found.append(name)
     if not found:
-        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, BASE_LAYERS)})
         raise ValueError(
             f"target_modules={config.target_modules!r} matched no nn.Linear in {type(model).__name__}; "
             f"its Linear layers are named: {', '.join(linear) or '(none)'}"
@@ -87,6 +90,8 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
 
     The resolved config is stored as ``model.lora_config``: with "all-linear" its
     ``target_modules`` becomes the list of matched layer names (PEFT writes the same).
+    ``use_dora`` adds DoRA magnitudes; ``init_lora_weights="pissa"``/``"olora"`` changes the base
+    weights (see ``peftloop.lora``).
     """
     targets = resolve_targets(model, config)
     model.requires_grad_(False)
@@ -94,7 +99,7 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         r, scaling = config.scaling_for(name)
         layer = LoRALinear(
             model.get_submodule(name), r=r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            init_lora_weights=config.init_lora_weights, scaling=scaling,
+            init_lora_weights=config.init_lora_weights, scaling=scaling, use_dora=config.use_dora,
         )
         _replace(model, name, layer)
     for name in _modules_to_save(model, config):
@@ -129,9 +134,18 @@ def trainable_copies(model: nn.Module) -> dict[str, TrainableCopy]:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied parameters count once."""
-    params = {id(p): p for p in model.parameters()}.values()
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    """(trainable, total) parameter counts; tied parameters count once, and a 4-bit layer counts
+    its weight's elements (out x in), not the bytes that hold them."""
+    params = {id(p): p for p in model.parameters()}
+    total = 0
+    for layer in model.modules():
+        if isinstance(layer, NF4Linear):
+            for t in (layer.packed_weight, layer.absmax, layer.nested_absmax, layer.nested_offset):
+                if t is not None:
+                    params.pop(id(t), None)
+            total += layer.in_features * layer.out_features
+    trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+    return trainable, total + sum(p.numel() for p in params.values())
 
 
 def describe_trainable(model: nn.Module) -> str:
@@ -154,12 +168,29 @@ def disable_adapters(model: nn.Module):
             m.disabled = False
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Fold every adapter into its base weight and put plain modules back: the result has no
-    trace of peftloop and saves as an ordinary checkpoint. Trained copies replace their originals."""
+    trace of peftloop and saves as an ordinary checkpoint. Trained copies replace their originals.
+
+    Merging is done in fp32 and cast to the base's dtype. A 4-bit (NF4) base is dequantised
+    first: the merged weight is dequant(W4) + ΔW (what the adapter was trained against), stored
+    as a plain Linear in ``dtype`` (default: the dtype the weight had before quantisation). That
+    rounding is reported in a warning with its size (the largest change of any weight); 4-bit
+    layers without an adapter are dequantised the same way."""
+    rounding, quantized = 0.0, 0
     for name, layer in lora_layers(model).items():
-        layer.merge()
-        _replace(model, name, layer.base_layer)
+        if layer.quantized:
+            merged, error = layer.merged_linear(dtype)
+            rounding, quantized = max(rounding, error), quantized + 1
+            _replace(model, name, merged)
+        else:
+            layer.merge()
+            _replace(model, name, layer.base_layer)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, NF4Linear):
+            linear = module.to_linear(dtype)
+            quantized += 1
+            _replace(model, name, linear)
     for name, wrapper in trainable_copies(model).items():
         original = wrapper.original_module
         trained = wrapper.modules_to_save.to(next(original.parameters()).dtype)
@@ -167,13 +198,24 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     model.requires_grad_(False)
     if hasattr(model, "lora_config"):
         del model.lora_config
+    if quantized:
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+        warnings.warn(
+            f"merge_and_unload: {quantized} layer(s) had a 4-bit (NF4) base: each merged weight is "
+            f"dequant(W4) + ΔW computed in fp32, then rounded to {'/'.join(dtypes)}; that rounding changed "
+            f"weights by up to {rounding:.3g} (max abs diff against the fp32 merge), so the merged model's "
+            "outputs differ slightly from the adapter model's. The base values are the dequantised 4-bit "
+            "weights the adapter was trained on, not the original full-precision checkpoint.",
+            stacklevel=2)
     return model
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove every adapter without merging: the original modules go back in place."""
+    """Remove every adapter without merging: the original modules go back in place (a base that
+    PiSSA/OLoRA turned into a residual gets its original weight back, up to one rounding)."""
     for name, layer in lora_layers(model).items():
         layer.unmerge()
+        layer.restore_base()
         _replace(model, name, layer.base_layer)
     for name, wrapper in trainable_copies(model).items():
         _replace(model, name, wrapper.original_module)
@@ -187,15 +229,42 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's on-disk keys (``base_model.model.<module>.lora_A.weight``, ...)."""
+    """The adapter's tensors under PEFT's on-disk keys (``base_model.model.<module>.lora_A.weight``,
+    ``...lora_B.weight``, DoRA's ``...lora_magnitude_vector``, modules_to_save's ``...weight``).
+
+    A layer whose base PiSSA/OLoRA turned into a residual is written as a plain LoRA of rank 2r
+    on the *original* weight: ``[A; A₀]`` and ``[B, −B₀]``, since W_res + s·B·A = W + s·(B·A − B₀·A₀)
+    (PEFT's ``path_initial_model_for_weight_conversion``; ``LoraConfig.to_adapter_config``
+    doubles r and lora_alpha to match). Those two entries are new tensors; every other entry is
+    the parameter itself."""
     out = {}
     for name, layer in lora_layers(model).items():
-        out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
-        out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+        A, B = layer.lora_A.weight, layer.lora_B.weight
+        if layer.initial_lora_A is not None:
+            # whole tensors first: under FSDP2 A and B are shards (a collective on every rank)
+            A, B = (t.full_tensor() if hasattr(t, "full_tensor") else t for t in (A, B))
+            A = torch.cat([A, layer.initial_lora_A.to(A)], dim=0)
+            B = torch.cat([B, -layer.initial_lora_B.to(B)], dim=1)
+        out[f"{PREFIX}{name}.lora_A.weight"] = A
+        out[f"{PREFIX}{name}.lora_B.weight"] = B
+        if layer.use_dora:
+            out[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
     for name, wrapper in trainable_copies(model).items():
         for pname, p in wrapper.modules_to_save.named_parameters():
             out[f"{PREFIX}{name}.{pname}"] = p
     return out
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The adapter's parameters themselves (A, B, DoRA magnitudes, trained copies)."""
+    params = []
+    for layer in lora_layers(model).values():
+        params += [layer.lora_A.weight, layer.lora_B.weight]
+        if layer.use_dora:
+            params.append(layer.lora_magnitude_vector)
+    for wrapper in trainable_copies(model).values():
+        params += list(wrapper.modules_to_save.parameters())
+    return params
 
 
 def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], strict: bool = True,
@@ -203,11 +272,18 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], 
     """Copy PEFT-keyed tensors into the model's adapters.
 
     Every key must name an adapter tensor of the same shape; with ``strict`` every adapter
-    tensor must be present too. Nothing is copied unless all keys check out.
+    tensor must be present too. Nothing is copied unless all keys check out. DoRA magnitudes are
+    accepted as PEFT writes them (``lora_magnitude_vector``) and as its in-memory name
+    (``lora_magnitude_vector.weight``). For a PiSSA/OLoRA layer the rank-2r tensors that
+    ``adapter_state_dict`` writes are split back into (A, A₀) and (B, B₀); if A₀, B₀ are not
+    this model's own initial factors, its residual base is moved to match them (``rebase``).
     """
     expected = adapter_state_dict(model)
     # PEFT also accepts keys without the prefix (adapters saved from injected-only models).
-    renamed = {(k if k.startswith(PREFIX) else PREFIX + k): v for k, v in tensors.items()}
+    renamed = {}
+    for k, v in tensors.items():
+        k = k if k.startswith(PREFIX) else PREFIX + k
+        renamed[k.removesuffix(".weight") if k.endswith("lora_magnitude_vector.weight") else k] = v
     unknown = sorted(set(renamed) - set(expected))
     if unknown:
         raise KeyError(
@@ -223,7 +299,18 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], 
     missing = sorted(set(expected) - set(renamed))
     if strict and missing:
         raise KeyError(f"{source}: {len(missing)} adapter tensor(s) missing, first: {missing[0]!r}")
+    residual = {name: layer for name, layer in lora_layers(model).items() if layer.initial_lora_A is not None}
     with torch.no_grad():
+        for name, layer in residual.items():
+            A, B = renamed.pop(f"{PREFIX}{name}.lora_A.weight", None), renamed.pop(f"{PREFIX}{name}.lora_B.weight", None)
+            if A is None or B is None:  # strict=False and missing: both halves or nothing
+                continue
+            r = layer.r
+            A0, B0 = A[r:].to(layer.initial_lora_A), -B[:, r:].to(layer.initial_lora_B)
+            if not (torch.equal(A0, layer.initial_lora_A) and torch.equal(B0, layer.initial_lora_B)):
+                layer.rebase(A0, B0)
+            layer.lora_A.weight.copy_(A[:r])
+            layer.lora_B.weight.copy_(B[:, :r])
         for key, value in renamed.items():
             expected[key].copy_(value)
 

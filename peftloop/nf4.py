@@ -42,9 +42,9 @@ from peftloop.kernels.nf4 import (
 )
 
 QUANTIZATION_METHODS = ("nf4",)
-# Elements quantised at a time: bounds the fp32 temporaries of a large weight (an 11008 x 4096
-# projection is 180 MB in fp32; its chunks are 64 MB).
-CHUNK_ELEMENTS = 1 << 24
+# Elements quantised at a time: bounds the temporaries (a few fp32 copies of a chunk) to ~1 MB
+# each, whatever the weight's size (an 11008 x 4096 projection is 180 MB in fp32).
+CHUNK_ELEMENTS = 1 << 18
 NF4_ZERO_INDEX = NF4_CODE.index(0.0)
 
 
@@ -174,6 +174,17 @@ class NF4Linear(nn.Module):
             linear.bias = nn.Parameter(self.bias.detach().to(dtype), requires_grad=False)
         return linear
 
+    @torch.no_grad()
+    def requantize_(self, weight: torch.Tensor) -> None:
+        """Quantise ``weight`` (this layer's shape) into this layer in place, with its block size
+        and double quantisation (PiSSA/OLoRA replace W by a residual this way)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"requantize_: weight {tuple(weight.shape)} != {(self.out_features, self.in_features)}")
+        state = quantize_nf4(weight.to(self.packed_weight.device), self.blocksize, self.double_quant)
+        for name, tensor in zip(("packed_weight", "absmax", "nested_absmax", "nested_offset"), state):
+            if tensor is not None:
+                self._parameters[name].data = tensor
+
     def _apply(self, fn, recurse=True):
         # model.half() / model.to(torch.bfloat16) must not round the fp32 scales (they are part of
         # the format, like the uint8 codes that a cast leaves alone anyway): moves apply, casts not.
@@ -193,13 +204,16 @@ class NF4Linear(nn.Module):
 
 def quantizable_linears(model: nn.Module, skip: list[str] | tuple[str, ...] = ()) -> list[str]:
     """Names of the ``nn.Linear`` modules ``quantize_model`` converts: all but the output head
-    (kept in full precision, as QLoRA and bitsandbytes' ``llm_int8_skip_modules`` do) and ``skip``
-    (exact names or '.'-suffixes)."""
-    from peftloop.inject import matches, output_head_names
+    (kept in full precision, as QLoRA and bitsandbytes' ``llm_int8_skip_modules`` do), ``skip``
+    (exact names or '.'-suffixes) and the adapters' own layers (lora_A, lora_B, trained copies);
+    the frozen ``base_layer`` of a LoRA layer is quantised."""
+    from peftloop.inject import _adapter_internals, matches, output_head_names
 
     heads = output_head_names(model)
+    adapters = {name for name in _adapter_internals(model) if not name.endswith(".base_layer")}
+    in_head = lambda name: any(name == h or name.startswith(h + ".") for h in heads)  # noqa: E731
     return [name for name, m in model.named_modules()
-            if type(m) is nn.Linear and name not in heads and not matches(name, list(skip))]
+            if type(m) is nn.Linear and not in_head(name) and name not in adapters and not matches(name, list(skip))]
 
 
 def quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = True,

@@ -3,7 +3,10 @@
 ``load_pretrained(name_or_path, dtype)`` takes a local folder or a hub id (``peftloop.hub``),
 builds the model on the meta device and then assigns the checkpoint's tensors, each converted
 once to ``dtype`` as it is read: there is never a second (random-init or fp32) copy of the
-weights in memory. ``save_pretrained`` writes what transformers' ``from_pretrained`` reads.
+weights in memory. With ``quantization="nf4"`` every Linear weight but the output head is
+quantised to 4 bits as it is read (``peftloop.nf4``), so the peak is the 4-bit model plus one
+weight in fp32. ``save_pretrained`` writes what transformers' ``from_pretrained`` reads.
+``enable_gradient_checkpointing(model, offload=False)`` turns on per-layer checkpointing.
 
 Supported architectures (``ARCHITECTURES``): Llama (Llama 2/3/3.1/3.2, with Llama 3 rope scaling;
 SmolLM/SmolLM2 and TinyLlama are Llama checkpoints), Mistral, Qwen2/Qwen2.5, Qwen3. All of them
@@ -175,17 +178,27 @@ def _read_into(f, tensor: torch.Tensor) -> None:
 
 
 def load_pretrained(name_or_path: str | Path, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu",
-                    revision: str | None = None, cache_dir: str | Path | None = None):
+                    revision: str | None = None, cache_dir: str | Path | None = None,
+                    quantization: str | None = None, quant_blocksize: int = 64, double_quant: bool = True):
     """Load a HF-format causal LM (a local folder or a hub id) straight into ``dtype`` on ``device``.
 
     The model is built on the meta device (no memory); each tensor is then checked against the
     shape the config implies, read from its file into a tensor of ``dtype`` and moved to
     ``device`` before the next one is read. The peak is the weights in ``dtype`` plus one
-    conversion buffer (benchmarks/load_memory.py measures it)."""
+    conversion buffer (benchmarks/load_memory.py measures it).
+
+    ``quantization="nf4"`` (QLoRA): every Linear but the output head becomes an ``NF4Linear``
+    (blocks of ``quant_blocksize``, ``double_quant`` scales). Each such weight is read in fp32
+    (the checkpoint's exact values), moved to ``device``, quantised there and dropped before the
+    next tensor is read; embeddings, norms, biases and the head are loaded in ``dtype``, which
+    is also the compute dtype of the 4-bit layers' inputs."""
     from peftloop.hub import resolve_model
+    from peftloop.nf4 import QUANTIZATION_METHODS, NF4Linear, quantizable_linears, quantize_nf4
 
     if sys.byteorder != "little":
         raise RuntimeError("peftloop reads safetensors (little-endian) on little-endian machines only")
+    if quantization is not None and quantization not in QUANTIZATION_METHODS:
+        raise ValueError(f"quantization={quantization!r}: expected None or one of {', '.join(QUANTIZATION_METHODS)}")
     folder = resolve_model(name_or_path, revision=revision, cache_dir=cache_dir)
     config, model_cls = config_from_folder(folder)
     dtype = parse_dtype(dtype)
@@ -193,6 +206,8 @@ def load_pretrained(name_or_path: str | Path, dtype: str | torch.dtype = "fp32",
         model = model_cls(config)
     expected = model.state_dict()
     tied = config.tie_word_embeddings
+    quantized = set(quantizable_linears(model)) if quantization else set()
+    states = {}  # module name -> NF4State
     loaded: dict[str, torch.Tensor] = {}
     buffer = torch.empty(CONVERSION_CHUNK_BYTES, dtype=torch.uint8)
     for path in weight_files(folder):
@@ -207,11 +222,22 @@ def load_pretrained(name_or_path: str | Path, dtype: str | torch.dtype = "fp32",
                 if tuple(entry["shape"]) != tuple(expected[key].shape):
                     raise CheckpointFormatError(f"{path}: tensor {key!r} has shape {tuple(entry['shape'])}, the "
                                                 f"config implies {tuple(expected[key].shape)}")
+                module_name, _, tensor_name = key.rpartition(".")
+                if tensor_name == "weight" and module_name in quantized:
+                    weight = read_tensor(f, data_start, entry, torch.float32, buffer).to(device)
+                    states[module_name] = quantize_nf4(weight, quant_blocksize, double_quant, name=f"{path}: {key}")
+                    del weight
+                    continue
                 loaded[key] = read_tensor(f, data_start, entry, dtype, buffer).to(device)
-    missing = [k for k in expected if k not in loaded and not (tied and k == "lm_head.weight")]
+    present = set(loaded) | {f"{name}.weight" for name in states}
+    missing = [k for k in expected if k not in present and not (tied and k == "lm_head.weight")]
     if missing:
         raise CheckpointFormatError(f"{folder}: {len(missing)} tensor(s) missing for {model_cls.__name__}: "
                                     f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
+    for name, state in states.items():
+        layer = NF4Linear(state, loaded.pop(f"{name}.bias", None), weight_dtype=dtype, name=name)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
     model.load_state_dict(loaded, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -232,7 +258,13 @@ def save_pretrained(model: nn.Module, folder: str | Path, max_shard_bytes: int =
     import shutil
 
     from peftloop.checkpoint import atomic_directory
+    from peftloop.nf4 import nf4_layers
 
+    quantized = nf4_layers(model)
+    if quantized:
+        raise ValueError(f"save_pretrained: {len(quantized)} layer(s) are 4-bit (NF4), e.g. {next(iter(quantized))!r}; "
+                         "transformers cannot read peftloop's 4-bit tensors. Dequantise first: "
+                         "merge_and_unload(model, dtype=torch.bfloat16) or peftloop.nf4.dequantize_model(model)")
     folder = Path(folder)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     config = model.config
@@ -269,3 +301,21 @@ def save_pretrained(model: nn.Module, folder: str | Path, max_shard_bytes: int =
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return folder
+
+
+def enable_gradient_checkpointing(model: nn.Module, offload: bool = False) -> nn.Module:
+    """Checkpoint every decoder layer (non-reentrant; ``offload=True``: inputs kept in pinned CPU
+    memory, see ``peftloop.models.checkpointing``). peftloop's models, and transformers models
+    through their own ``gradient_checkpointing_enable`` (non-reentrant, no offload)."""
+    inner = getattr(model, "module", model)  # DDP keeps the model in .module
+    if isinstance(inner, LlamaForCausalLM):
+        inner.gradient_checkpointing_enable(offload=offload)
+    elif hasattr(inner, "gradient_checkpointing_enable"):
+        if offload:
+            raise ValueError(f"enable_gradient_checkpointing: offload=True needs a peftloop model, "
+                             f"not {type(inner).__name__}")
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise TypeError(f"enable_gradient_checkpointing: {type(inner).__name__} has no decoder layers peftloop "
+                        "knows how to checkpoint")
+    return model

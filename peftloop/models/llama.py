@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peftloop import kernels
+from peftloop.models.checkpointing import checkpoint_layer
 
 # model_type -> the architecture name transformers writes in config.json. Every family is the
 # same module (``LlamaForCausalLM`` below) with the switches each one needs:
@@ -397,6 +398,10 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        """Recompute each decoder layer in the backward pass (training only); see
+        ``peftloop.models.checkpointing`` and ``LlamaForCausalLM.gradient_checkpointing_enable``."""
+        self.offload_activations = False
+        """With gradient_checkpointing: keep each layer's input in pinned CPU memory."""
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_caches=None):
         B, T = input_ids.shape
@@ -412,7 +417,7 @@ class LlamaModel(nn.Module):
             cache = kv_caches[i] if kv_caches is not None else None
             attn_mask = masks[layer.attention_window]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn_mask, cache, use_reentrant=False)
+                x = checkpoint_layer(layer, x, cos, sin, attn_mask, cache, offload=self.offload_activations)
             else:
                 x = layer(x, cos, sin, attn_mask, cache)
         return self.norm(x)
@@ -478,6 +483,19 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def gradient_checkpointing_enable(self, offload: bool = False) -> None:
+        """Checkpoint every decoder layer (non-reentrant): activation memory drops to one hidden
+        state per layer, for one more forward pass per step. ``offload=True`` moves those hidden
+        states to pinned CPU memory too (CUDA). Works with a frozen embedding and base."""
+        self.model.gradient_checkpointing, self.model.offload_activations = True, offload
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.gradient_checkpointing, self.model.offload_activations = False, False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.model.gradient_checkpointing
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens

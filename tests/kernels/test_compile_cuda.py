@@ -25,6 +25,7 @@ KERNELS = {
     "lora_linear._lora_dx_kernel[seed]", "lora_linear._lora_dx_kernel[mask]",
     "lora_linear._lora_da_kernel[seed]", "lora_linear._lora_da_kernel[mask]",
     "lora_linear._dropout_mask_kernel",
+    "nf4._nf4_dequant_kernel[double_quant]", "nf4._nf4_dequant_kernel[fp32_absmax]",
 }
 
 
