@@ -214,6 +214,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--parity-steps", type=int, default=20)
     p.add_argument("--parity-model", default="small")
+    p.add_argument("--configs", help="explicit model/dtype pairs instead of --models x --dtypes, e.g. "
+                                      "small/fp32,small/bf16,smollm/fp32")
     p.add_argument("--no-docs", action="store_true", help="do not rewrite the table in docs/benchmarks.md")
     args = p.parse_args()
     command = "python -m benchmarks.compare " + " ".join(sys.argv[1:])
@@ -233,20 +235,26 @@ def main() -> int:
                "gemm_peak": gemm_peak(args.threads), "configs": {}, "runs": []}
     print(f"machine: {results['machine']}; GEMM peak fp32 {results['gemm_peak']['fp32']:.0f}, "
           f"bf16 {results['gemm_peak']['bf16']:.0f} GFLOP/s")
-    for model in args.models.split(","):
+    if args.configs:
+        pairs = [tuple(c.split("/")) for c in args.configs.split(",")]
+    else:
+        pairs = [(m, d) for m in args.models.split(",") for d in args.dtypes.split(",")]
+    for model, dtype in pairs:
+        if model not in SHAPES or dtype not in ("fp32", "bf16"):
+            p.error(f"unknown configuration {model}/{dtype}: models {', '.join(SHAPES)}, dtypes fp32, bf16")
+    for model, dtype in pairs:
         base = write_base(model, work / f"base-{model}")
-        for dtype in args.dtypes.split(","):
-            runs = []
-            for n in range(args.passes):
-                order = systems if n % 2 == 0 else list(reversed(systems))
-                for system in order:
-                    r = run(system, base, dtype, args, work)
-                    r.update(model=model, pass_index=n)
-                    runs.append(r)
-                    print(f"{model:7s} {dtype} {system:9s} pass {n}: {r['median_step_s']:.3f} s/step, "
-                          f"{r['peak_rss_mib']:.0f} MiB", flush=True)
-            results["configs"][f"{model}/{dtype}"] = summarize(runs, model, dtype, results["gemm_peak"])
-            results["runs"] += runs
+        runs = []
+        for n in range(args.passes):
+            order = systems if n % 2 == 0 else list(reversed(systems))
+            for system in order:
+                r = run(system, base, dtype, args, work)
+                r.update(model=model, pass_index=n)
+                runs.append(r)
+                print(f"{model:7s} {dtype} {system:9s} pass {n}: {r['median_step_s']:.3f} s/step, "
+                      f"{r['peak_rss_mib']:.0f} MiB", flush=True)
+        results["configs"][f"{model}/{dtype}"] = summarize(runs, model, dtype, results["gemm_peak"])
+        results["runs"] += runs
     if "trainer" in systems and args.parity_steps:
         base = write_base(args.parity_model, work / f"base-{args.parity_model}")
         results["parity"] = {"model": args.parity_model, **parity(base, args, work, args.parity_steps)}

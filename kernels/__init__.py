@@ -14,7 +14,15 @@ Note: the public functions share their names with their modules (``lora_linear``
 module's other names with ``from peftloop.kernels.rms_norm import rms_norm_reference``.
 """
 
-from ._dispatch import backend, backend_for, get_backend, set_backend, triton_available
+from ._dispatch import (
+    backend,
+    backend_for,
+    get_backend,
+    matmul_dtype,
+    native_low_precision_cpu,
+    set_backend,
+    triton_available,
+)
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from .lora_linear import lora_dropout_mask, lora_linear, lora_linear_reference
 from .nf4 import (
@@ -40,6 +48,8 @@ __all__ = [
     "lora_dropout_mask",
     "lora_linear",
     "lora_linear_reference",
+    "matmul_dtype",
+    "native_low_precision_cpu",
     "nf4_dequantize",
     "nf4_dequantize_reference",
     "nf4_lora_linear",

@@ -87,3 +87,38 @@ def backend_for(tensor: torch.Tensor) -> str:
             "PEFTLOOP_KERNELS=triton needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported"
         )
     return _forced
+
+
+# ---------------------------------------------------------------------------------------
+# bf16/fp16 matmuls on CPUs without the hardware for them.
+#
+# A CPU without AVX512-BF16 or AMX has no bf16/fp16 dot-product instruction: oneDNN then
+# converts each tile to fp32 inside the GEMM, at 8x (x·Wᵀ) to 80x (x·W) the cost of the fp32
+# GEMM of the same shape (measured on an AVX2 EPYC). The fast torch path therefore multiplies
+# such tensors in fp32 and rounds the result once to the low precision. That is the same
+# arithmetic the hardware does: a product of two bf16 (or fp16) values is exact in fp32, and
+# bf16 GEMMs accumulate in fp32; only the order of the sums differs.
+# ---------------------------------------------------------------------------------------
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def native_low_precision_cpu() -> bool:
+    """True when this CPU multiplies bf16/fp16 in hardware (AVX512-BF16 or AMX).
+    ``PEFTLOOP_CPU_LOW_PRECISION=native|fp32`` overrides the detection."""
+    forced = os.environ.get("PEFTLOOP_CPU_LOW_PRECISION", "auto")
+    if forced not in ("auto", "native", "fp32"):
+        raise ValueError(f"PEFTLOOP_CPU_LOW_PRECISION={forced!r}: expected auto, native or fp32")
+    if forced != "auto":
+        return forced == "native"
+    checks = [getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None)]
+    return any(check() for check in checks if check is not None)
+
+
+def matmul_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype the torch path multiplies ``tensor`` in: its own, or fp32 for a bf16/fp16 CPU
+    tensor on a CPU that would emulate the low-precision GEMM (see above)."""
+    if tensor.dtype in LOW_PRECISION and tensor.device.type == "cpu" and not native_low_precision_cpu():
+        return torch.float32
+    return tensor.dtype

@@ -33,7 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import autocast_dtype, backend_for, interpreting
+from ._dispatch import autocast_dtype, backend_for, interpreting, matmul_dtype
 from ._triton_utils import cast, tl, triton
 
 # Vocabulary columns per step of the CE kernel's loops. 4096 fp32 per program is Liger's
@@ -165,6 +165,11 @@ def _fused_linear_ce(hidden, weight, bias, labels, ignore_index, label_smoothing
     db = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_db else None
     dw_chunk = None
     logits_buffer = torch.empty((min(rows, n_tokens), vocab), dtype=hidden.dtype, device=hidden.device)
+    if matmul_dtype(hidden) != hidden.dtype:
+        # bf16 on a CPU without bf16 hardware: multiply in fp32, round the logits and dh once
+        # (_dispatch.matmul_dtype). One fp32 copy of the head for the whole loop.
+        return _fused_linear_ce_upcast(hidden, weight, bias, labels, ignore_index, label_smoothing, need_dh,
+                                       need_dw, need_db, ce_chunk, rows, loss_rows, dh, dw, db, logits_buffer)
     for start in range(0, n_tokens, rows):
         end = min(start + rows, n_tokens)
         h = hidden[start:end]
@@ -187,6 +192,33 @@ def _fused_linear_ce(hidden, weight, bias, labels, ignore_index, label_smoothing
                 dw += dw_chunk
         if need_db:
             db += grad_logits.float().sum(0)
+    return loss_rows.sum(), dh, dw, db
+
+
+def _fused_linear_ce_upcast(hidden, weight, bias, labels, ignore_index, label_smoothing, need_dh, need_dw, need_db,
+                            ce_chunk, rows, loss_rows, dh, dw, db, logits_buffer):
+    """The chunk loop above with the matmuls in fp32 on the low-precision values; the logits
+    (and so the loss and dL/dlogits) are rounded to the input dtype exactly where a native
+    bf16 GEMM would round them."""
+    n_tokens = hidden.shape[0]
+    weight32 = weight.float()
+    bias32 = None if bias is None else bias.float()
+    write_grad = need_dh or need_dw or need_db
+    for start in range(0, n_tokens, rows):
+        end = min(start + rows, n_tokens)
+        h32 = hidden[start:end].float()
+        logits32 = h32 @ weight32.t() if bias32 is None else torch.addmm(bias32, h32, weight32.t())
+        logits = logits_buffer[: end - start]
+        logits.copy_(logits32)
+        del logits32
+        loss_rows[start:end] = ce_chunk(logits, labels[start:end], ignore_index, label_smoothing, write_grad)
+        grad32 = logits.float() if (need_dh or need_dw) else None
+        if need_dh:
+            dh[start:end] = grad32 @ weight32
+        if need_dw:
+            dw.addmm_(grad32.t(), h32)
+        if need_db:
+            db += logits.float().sum(0)
     return loss_rows.sum(), dh, dw, db
 
 

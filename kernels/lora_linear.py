@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import autocast_dtype, backend_for, interpreting
+from ._dispatch import autocast_dtype, backend_for, interpreting, matmul_dtype
 from ._triton_utils import autotune, cast, dot, dot_options, tl, triton
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,12 @@ class LoRALinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         mask2 = None if dropout_mask is None else dropout_mask.reshape(x2.shape)
         keep = 1.0 / (1.0 - dropout_p)
+        # bf16 on a CPU without bf16 hardware: multiply in fp32, round y once (_dispatch.matmul_dtype).
+        ctx.out_dtype, compute = x.dtype, matmul_dtype(x)
+        weight_in, lora_A_in, lora_B_in = weight, lora_A, lora_B
+        if compute != x.dtype:
+            x2, weight, lora_A, lora_B = x2.to(compute), weight.to(compute), lora_A.to(compute), lora_B.to(compute)
+            bias = None if bias is None else bias.to(compute)
         y = F.linear(x2, weight, bias)
         # The 1/(1-p) rescaling rides on the [N, r] product, not on the [N, in] input: one
         # full-size elementwise op (the masking) instead of three with their dtype conversions.
@@ -74,15 +80,19 @@ class LoRALinearFunction(torch.autograd.Function):
         y.addmm_(u, lora_B.t(), alpha=scaling)
         # Save x rather than x_lora: x is usually kept alive by the op before us anyway,
         # so saving it costs nothing, and x_lora is recomputed from x and the 1-byte mask.
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, u, mask2)
+        # (The low-precision originals are saved, not the fp32 copies: half the memory.)
+        ctx.save_for_backward(x.reshape(-1, x.shape[-1]), weight_in, lora_A_in, lora_B_in, u, mask2)
         ctx.scaling, ctx.keep, ctx.x_shape = scaling, keep, x.shape
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        return y.reshape(*x.shape[:-1], weight.shape[0]).to(ctx.out_dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
         x2, weight, lora_A, lora_B, u, mask2 = ctx.saved_tensors
         s = ctx.scaling
         g = grad_y.reshape(-1, weight.shape[0])
+        compute = matmul_dtype(g)
+        if compute != g.dtype:
+            g, x2, weight, lora_A, lora_B = (t.to(compute) for t in (g, x2, weight, lora_A, lora_B))
         # dL/du, with the dropout rescaling folded in (it multiplies the masked x in both uses)
         grad_u = (g @ lora_B).mul_(s if mask2 is None else s * ctx.keep)
         grad_A = grad_B = grad_x = None
@@ -95,6 +105,7 @@ class LoRALinearFunction(torch.autograd.Function):
             if mask2 is not None:
                 grad_x_lora.masked_fill_(~mask2, 0.0)
             grad_x = torch.addmm(grad_x_lora, g, weight).reshape(ctx.x_shape)
+        grad_x, grad_A, grad_B = (None if t is None else t.to(ctx.out_dtype) for t in (grad_x, grad_A, grad_B))
         return grad_x, None, None, grad_A, grad_B, None, None, None
 
 

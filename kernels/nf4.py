@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import autocast_dtype, backend_for, interpreting
+from ._dispatch import autocast_dtype, backend_for, interpreting, matmul_dtype
 from ._triton_utils import cast, tl, triton
 
 # The 16 NF4 values: quantiles of N(0, 1) (8 negative, 0, 7 positive, plus ±1 at the ends),
@@ -276,7 +276,17 @@ class NF4LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, lora_A, lora_B, state, scaling, dropout_p, dropout_mask, seed, impl, fused):
         x2 = x.reshape(-1, x.shape[-1])
-        weight = _dequantize(state, x.dtype, impl)
+        # bf16 on a CPU without bf16 hardware: multiply in fp32 on the bf16 values, rounding y
+        # once (_dispatch.matmul_dtype); the saved tensors stay in x's dtype.
+        ctx.out_dtype, compute = x.dtype, (x.dtype if fused else matmul_dtype(x))
+        saved_A, saved_B = lora_A, lora_B
+        if compute != x.dtype:
+            x2 = x2.to(compute)
+            bias = None if bias is None else bias.to(compute)
+            lora_A = None if lora_A is None else lora_A.to(compute)
+            lora_B = None if lora_B is None else lora_B.to(compute)
+        # Dequantised into x's dtype first: the weight is rounded to bf16 exactly as on a GPU.
+        weight = _dequantize(state, x.dtype, impl).to(compute)
         has_lora = lora_A is not None
         mask2 = None if dropout_mask is None else dropout_mask.reshape(x2.shape)
         mode = 0 if dropout_p == 0.0 else 2 if mask2 is not None else 1
@@ -293,10 +303,10 @@ class NF4LinearFunction(torch.autograd.Function):
                 y.addmm_(u, lora_B.t(), alpha=scaling)
         del weight
         keep_x = has_lora and ctx.needs_input_grad[2]
-        ctx.save_for_backward(x2 if keep_x else None, lora_A, lora_B, u, mask2)
+        ctx.save_for_backward(x.reshape(-1, x.shape[-1]) if keep_x else None, saved_A, saved_B, u, mask2)
         ctx.state, ctx.impl, ctx.fused, ctx.has_lora = state, impl, fused, has_lora
         ctx.scaling, ctx.dropout_p, ctx.mode, ctx.seed, ctx.x_shape = scaling, dropout_p, mode, seed, x.shape
-        return y.reshape(*x.shape[:-1], state.shape[0])
+        return y.reshape(*x.shape[:-1], state.shape[0]).to(ctx.out_dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -304,9 +314,12 @@ class NF4LinearFunction(torch.autograd.Function):
         state, s, p = ctx.state, ctx.scaling, ctx.dropout_p
         out_features, in_features = state.shape
         g = grad_y.reshape(-1, out_features)
+        compute = g.dtype if ctx.fused else matmul_dtype(g)
+        if compute != g.dtype:
+            g, x2, lora_A, lora_B = (None if t is None else t.to(compute) for t in (g, x2, lora_A, lora_B))
         need_dx, need_dA = ctx.needs_input_grad[0], ctx.has_lora and ctx.needs_input_grad[2]
         need_dB = ctx.has_lora and ctx.needs_input_grad[3]
-        weight = _dequantize(state, g.dtype, ctx.impl) if need_dx else None
+        weight = _dequantize(state, ctx.out_dtype, ctx.impl).to(g.dtype) if need_dx else None
         grad_x = grad_A = grad_B = None
         if ctx.has_lora and ctx.fused:
             from .lora_linear import _lora_backward_triton
@@ -331,6 +344,7 @@ class NF4LinearFunction(torch.autograd.Function):
         if need_dB:
             grad_B = (g.t() @ u).mul_(s)
         grad_x = None if grad_x is None else grad_x.reshape(ctx.x_shape)
+        grad_x, grad_A, grad_B = (None if t is None else t.to(ctx.out_dtype) for t in (grad_x, grad_A, grad_B))
         return grad_x, None, grad_A, grad_B, None, None, None, None, None, None, None
 
 

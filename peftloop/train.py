@@ -50,6 +50,7 @@ from peftloop.callbacks import Callback, EarlyStopping, JsonlLogger
 from peftloop.config import TrainConfig
 from peftloop.data import IGNORE_INDEX, collate, input_tokens, label_tokens, micro_batches, num_micro_batches
 from peftloop.inject import adapter_state_dict, load_adapter_state_dict
+from peftloop.kernels import native_low_precision_cpu
 from peftloop.optim import build_optimizer
 from peftloop.schedule import lr_at, warmup_steps_for
 
@@ -109,8 +110,9 @@ def train(
     seed_everything(config.seed + dist_.rank)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
     if amp_dtype is not None and device.type == "cpu" and dist_.is_main and not native_low_precision_cpu():
-        print(f"peftloop: warning: this CPU has no native {config.precision} matmul (no AVX512-BF16/AMX); "
-              f"{config.precision} autocast runs 8-80x slower than fp32 here, precision='fp32' is faster")
+        print(f"peftloop: note: this CPU has no native {config.precision} matmul (no AVX512-BF16/AMX): "
+              f"peftloop's layers multiply the {config.precision} values in fp32 (same products, fp32 sums); "
+              "other modules' matmuls under autocast run several times slower than fp32")
 
     def autocast():
         # bf16/fp16: matmuls run in the low precision, reductions and the loss in fp32.
@@ -402,12 +404,6 @@ def _rank_slice(collate_fn, rank: int, per_rank: int):
         return batch
 
     return collate_share
-
-
-def native_low_precision_cpu() -> bool:
-    """True when this CPU multiplies bf16/fp16 in hardware (AVX512-BF16 or AMX)."""
-    checks = [getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None)]
-    return any(check() for check in checks if check is not None)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -145,3 +145,31 @@ def test_fuzz_adapter_config(tmp_path, good_adapter, extra):
         assert not lora_layers(model)
     else:
         assert lora_layers(model)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/dir.safetensors", "model.bin", 7])
+def test_sharded_index_cannot_name_files_outside_its_folder(tmp_path, shard):
+    """A model.safetensors.index.json whose weight_map points anywhere but a shard beside it is
+    refused before any file is opened, naming the index and the key."""
+    from peftloop.models import CheckpointFormatError, weight_files
+
+    (tmp_path / "outside.safetensors").write_bytes(b"")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    index = {"metadata": {}, "weight_map": {"model.norm.weight": "model-00001-of-00001.safetensors",
+                                            "lm_head.weight": shard}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "model-00001-of-00001.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointFormatError, match=r"model\.safetensors\.index\.json.*lm_head\.weight"):
+        weight_files(folder)
+
+
+def test_sharded_index_with_plain_shard_names_is_accepted(tmp_path):
+    from peftloop.models import weight_files
+
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    index = {"weight_map": {"a.weight": names[0], "b.weight": names[1]}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in weight_files(tmp_path)] == names

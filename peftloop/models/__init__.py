@@ -16,6 +16,7 @@ are ``peftloop.models.llama.LlamaForCausalLM`` with the family's switches (see `
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -82,6 +83,14 @@ def weight_files(folder: str | Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise CheckpointFormatError(f"{index}: not a safetensors index ({e})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointFormatError(f"{index}: weight_map is not an object of tensor name -> file")
+        for key, name in weight_map.items():
+            # A shard is a plain file name beside the index: no "../", no absolute or nested path
+            # that would make us read a file outside the checkpoint.
+            if not isinstance(name, str) or not re.fullmatch(r"[\w][\w.-]*\.safetensors", name):
+                raise CheckpointFormatError(f"{index}: weight_map[{key!r}] = {name!r} is not a shard file name "
+                                            "in this folder (expected e.g. 'model-00001-of-00002.safetensors')")
         files = [folder / name for name in sorted(set(weight_map.values()))]
     else:
         files = [folder / "model.safetensors"]
