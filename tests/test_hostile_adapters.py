@@ -5,7 +5,6 @@ import json
 import struct
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

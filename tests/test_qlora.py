@@ -15,15 +15,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from peftloop.checkpoint import save_adapter
 from peftloop.cli import main as cli_main
 from peftloop.config import LoraConfig, TrainConfig
 from peftloop.inject import count_parameters, inject_lora, lora_layers, merge_and_unload
 from peftloop.models import load_pretrained, save_pretrained
 from peftloop.models.llama import LlamaConfig, LlamaForCausalLM
-from peftloop.nf4 import NF4Linear, dequantize_model, nf4_layers, quantize_model
+from peftloop.nf4 import dequantize_model, nf4_layers, quantize_model
 from peftloop.train import train
-from tests.helpers import tiny_model, toy_examples
+from tests.helpers import tiny_model
 
 TOKENS = torch.tensor([[1, 5, 9, 33, 2, 17, 8, 60, 4], [1, 44, 3, 3, 12, 50, 21, 7, 2]])
 LABELS = torch.where(torch.arange(9) < 3, -100, TOKENS)
