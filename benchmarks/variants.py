@@ -1,8 +1,8 @@
 """Step time and peak memory of the LoRA variants on SmolLM2-135M's shape: LoRA, + gradient
 checkpointing, QLoRA (NF4 + double quantisation), QLoRA + checkpointing, DoRA.
 
-    python benchmarks/variants.py                    # every variant, 1 warm-up + 3 measured steps each
-    python benchmarks/variants.py --steps 5 --only qlora,qlora_gc
+    python -m benchmarks.variants                    # every variant, 1 warm-up + 3 measured steps each
+    python -m benchmarks.variants --steps 5 --only qlora,qlora_gc
 
 The model has SmolLM2-135M's exact shape (hidden 576, 30 layers, 9 heads, 3 KV heads, intermediate
 1536, vocabulary 49,152, tied embeddings) with random weights, written once as a bf16 safetensors
@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -37,7 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common import RESULTS, machine, slug, status_kib
+
+ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
                     rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
@@ -52,26 +51,6 @@ VARIANTS = {
     "qlora_gc": ("QLoRA + gradient checkpointing", "nf4", True, False),
     "dora": ("DoRA", None, False, True),
 }
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _machine() -> str:
-    import torch
-
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} CPUs, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def write_checkpoints(root: Path) -> dict[str, Path]:
@@ -101,13 +80,13 @@ def _measure(variant: str, folder: str, tiny: str, warmup: int, steps: int, outp
 
     _, quantization, checkpointing, dora = VARIANTS[variant]
     load_pretrained(tiny, dtype="fp32", quantization=quantization)  # warm-up: imports, allocator, thread pools
-    baseline = _status_kib("VmRSS")
+    baseline = status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     start = time.perf_counter()
     model = load_pretrained(folder, dtype="fp32", quantization=quantization)
     load_seconds = time.perf_counter() - start
-    loaded = _status_kib("VmRSS") - baseline
+    loaded = status_kib("VmRSS") - baseline
     base_bytes = sum(p.untyped_storage().nbytes() for p in {id(p): p for p in model.parameters()}.values())
     linear_bytes = sum(p.untyped_storage().nbytes() for layer in nf4_layers(model).values()
                        for p in layer.parameters()) if quantization else \
@@ -140,7 +119,7 @@ def _measure(variant: str, folder: str, tiny: str, warmup: int, steps: int, outp
             "gradient_checkpointing": checkpointing, "dora": dora, "trainable_params": trainable,
             "total_params": total, "load_s": load_seconds, "loaded_mib": loaded / 1024,
             "model_mib": base_bytes / 2**20, "linear_weights_mib": linear_bytes / 2**20,
-            "peak_growth_mib": (_status_kib("VmHWM") - baseline) / 1024,
+            "peak_growth_mib": (status_kib("VmHWM") - baseline) / 1024,
             "step_times_s": durations, "median_step_s": statistics.median(durations[warmup:]),
             "tokens_per_s": MICRO_BATCH * GRAD_ACCUM * SEQ_LEN / statistics.median(durations[warmup:]),
             "train_loss": result.train_loss}
@@ -167,9 +146,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folders = write_checkpoints(Path(tmp))
         for name in names:
-            cmd = [sys.executable, __file__, "--_child", name, str(folders["model"]), str(folders["tiny"]),
+            cmd = [sys.executable, "-m", "benchmarks.variants", "--_child", name, str(folders["model"]), str(folders["tiny"]),
                    str(args.warmup), str(args.steps), str(Path(tmp) / f"run-{name}")]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if out.returncode:
                 print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
                 return 1
@@ -184,9 +163,9 @@ def main() -> int:
 
     import torch
 
-    machine = _machine()
+    where = machine()
     date = time.strftime("%Y-%m-%d")
-    meta = {"benchmark": "variants", "machine": machine, "torch": torch.__version__, "shape": SMOLLM2_135M,
+    meta = {"benchmark": "variants", "machine": where, "torch": torch.__version__, "shape": SMOLLM2_135M,
             "seq_len": SEQ_LEN, "micro_batch_size": MICRO_BATCH, "grad_accum": GRAD_ACCUM, "lora_r": 16,
             "lora_alpha": 32, "target_modules": TARGETS, "precision": "fp32", "warmup_steps": args.warmup,
             "measured_steps": args.steps, "date": date,
@@ -194,11 +173,11 @@ def main() -> int:
                       "(clear_refs), over load + training; step time = median of the measured steps"}
     lora = next((r for r in records if r["variant"] == "lora"), None)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"variants-{re.sub(r'[^a-z0-9]+', '-', machine.lower()).strip('-')}"  # the date is inside
+    stem = RESULTS / f"variants-{slug(where)}"  # the date is inside
     stem.with_suffix(".json").write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
     md = ["# LoRA variants: step time and peak memory, SmolLM2-135M's shape",
           "",
-          f"Machine: {machine}; torch {torch.__version__}; {date}.",
+          f"Machine: {where}; torch {torch.__version__}; {date}.",
           f"Model: SmolLM2-135M's shape ({records[0]['total_params']:,} parameters, tied embeddings), random "
           "weights, loaded in fp32 from a bf16 checkpoint (QLoRA: every Linear but the head in NF4 with double "
           "quantisation, computing in fp32).",
@@ -206,7 +185,7 @@ def main() -> int:
           f"{MICRO_BATCH} x {SEQ_LEN} random tokens per step, loss on every token, fp32, AdamW; "
           f"{args.warmup} warm-up + {args.steps} measured steps.",
           f"Method: {meta['method']} (see benchmarks/variants.py).",
-          f"Command: `python benchmarks/variants.py{f' --steps {args.steps}' if args.steps != 3 else ''}`",
+          f"Command: `python -m benchmarks.variants{f' --steps {args.steps}' if args.steps != 3 else ''}`",
           "",
           "| variant | median step (s) | tokens/s | step time vs LoRA | peak growth (MiB) | peak vs LoRA "
           "| Linear weights (MiB) | model after load (MiB) |",
