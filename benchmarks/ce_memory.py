@@ -1,7 +1,7 @@
 """Peak memory of the loss: fused (chunked) linear cross-entropy vs materialised fp32 logits.
 
-    python benchmarks/ce_memory.py                 # SmolLM2-135M shape: 2,048 tokens, hidden 576, vocab 49,152
-    python benchmarks/ce_memory.py --tokens 4096   # any other shape
+    python -m benchmarks.ce_memory                 # SmolLM2-135M shape: 2,048 tokens, hidden 576, vocab 49,152
+    python -m benchmarks.ce_memory --tokens 4096   # any other shape
 
 What is measured: the resident memory that one forward + backward of the loss adds on top
 of its inputs (hidden states, head, labels), gradients included. Each variant runs in a
@@ -33,22 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common import RESULTS, machine, slug, status_kib
 
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run_variant(variant: str, dtype_name: str, tokens: int, hidden: int, vocab: int, trainable_head: bool) -> dict:
@@ -77,13 +69,13 @@ def _run_variant(variant: str, dtype_name: str, tokens: int, hidden: int, vocab:
 
     step(*make(64, hidden, 512))  # warm-up at a tiny shape
     x, w, y = make(tokens, hidden, vocab)
-    baseline = _status_kib("VmRSS")
+    baseline = status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     start = time.perf_counter()
     loss = step(x, w, y)
     seconds = [time.perf_counter() - start]
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     for _ in range(2):  # time only (the memory figure is the first run's): the VM is noisy, report the min
         x.grad = w.grad = None
         start = time.perf_counter()
@@ -92,22 +84,6 @@ def _run_variant(variant: str, dtype_name: str, tokens: int, hidden: int, vocab:
     seconds = min(seconds)
     return {"variant": variant, "dtype": dtype_name, "trainable_head": trainable_head, "loss": loss,
             "baseline_mib": baseline / 1024, "peak_growth_mib": (peak - baseline) / 1024, "seconds": seconds}
-
-
-def _machine() -> str:
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import torch
-
-    return f"{model}, {os.cpu_count()} CPUs, {torch.backends.cpu.get_cpu_capability()}"
-
-
-def _slug(machine: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", machine.lower()).strip("-")
 
 
 def main() -> int:
@@ -132,9 +108,9 @@ def main() -> int:
     for trainable in heads:
         for dtype_name in args.dtypes.split(","):
             for variant in ("materialised", "fused"):
-                cmd = [sys.executable, __file__, "--tokens", str(args.tokens), "--hidden", str(args.hidden),
+                cmd = [sys.executable, "-m", "benchmarks.ce_memory", "--tokens", str(args.tokens), "--hidden", str(args.hidden),
                        "--vocab", str(args.vocab), "--_child", f"{variant}:{dtype_name}:{int(trainable)}"]
-                out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=ROOT)
                 rec = json.loads(out.stdout.strip().splitlines()[-1])
                 records.append(rec)
                 print(f"{variant:12s} {dtype_name:4s} head {'trainable' if trainable else 'frozen   '} "
@@ -154,24 +130,24 @@ def main() -> int:
 
     if args.no_save:
         return 0
-    machine = _machine()
+    where = machine()
     import torch
 
     shape = {"tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab}
-    meta = {"benchmark": "ce_memory", "machine": machine, "torch": torch.__version__, "shape": shape,
+    meta = {"benchmark": "ce_memory", "machine": where, "torch": torch.__version__, "shape": shape,
             "method": "peak RSS growth (VmHWM after clear_refs) over the inputs, one fwd+bwd per fresh subprocess",
             "date": time.strftime("%Y-%m-%d")}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"ce_memory-{_slug(machine)}"
+    stem = RESULTS / f"ce_memory-{slug(where)}"
     stem.with_suffix(".json").write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
     md = ["# Loss peak memory: fused linear cross-entropy vs materialised logits",
           "",
-          f"Machine: {machine}; torch {torch.__version__}; {meta['date']}.",
+          f"Machine: {where}; torch {torch.__version__}; {meta['date']}.",
           f"Shape: {args.tokens} tokens, hidden {args.hidden}, vocabulary {args.vocab} (SmolLM2-135M's head)."
           if (args.hidden, args.vocab) == (576, 49152) else
           f"Shape: {args.tokens} tokens, hidden {args.hidden}, vocabulary {args.vocab}.",
           f"Method: {meta['method']} (see benchmarks/ce_memory.py).",
-          f"Command: `python benchmarks/ce_memory.py{' --trainable-head' if args.trainable_head else ''}`",
+          f"Command: `python -m benchmarks.ce_memory{' --trainable-head' if args.trainable_head else ''}`",
           "",
           "| variant | dtype | head | peak growth (MiB) | vs materialised fp32 | fwd+bwd (s, min of 3) |",
           "|---|---|---|---:|---:|---:|"]

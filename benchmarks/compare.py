@@ -262,7 +262,8 @@ def main() -> int:
     results["load_after"] = load_average()
 
     stem = RESULTS / f"{slug(results['machine'])}-{results['date']}"
-    results["plot"] = str(plot(results, stem.with_suffix(".png")) or "")
+    figure = plot(results, stem.with_suffix(".png"))
+    results["plot"] = str(figure.relative_to(ROOT)) if figure else ""  # no machine paths in the results
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     table = markdown(results, command)
     print("\n" + table)

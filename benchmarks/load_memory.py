@@ -1,7 +1,7 @@
 """Peak memory of loading a checkpoint: ``peftloop.models.load_pretrained`` against the size of the weights.
 
-    python benchmarks/load_memory.py                   # SmolLM2-135M's shape, random weights
-    python benchmarks/load_memory.py --transformers    # also transformers' from_pretrained, for reference
+    python -m benchmarks.load_memory                   # SmolLM2-135M's shape, random weights
+    python -m benchmarks.load_memory --transformers    # also transformers' from_pretrained, for reference
 
 The checkpoint has SmolLM2-135M's exact shape (hidden 576, 30 layers, 9 heads, 3 KV heads,
 intermediate 1536, vocabulary 49,152, tied embeddings) with random weights, written once by
@@ -27,27 +27,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common import RESULTS, machine, slug, status_kib
+
+ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
                     rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def write_checkpoints(root: Path) -> dict[str, Path]:
@@ -84,7 +75,7 @@ def _measure(loader: str, folder: str, tiny: str, dtype_name: str) -> dict:
             return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
     load(tiny)  # warm-up: imports, allocator, thread pools
-    baseline = _status_kib("VmRSS")
+    baseline = status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     start = time.perf_counter()
@@ -94,7 +85,7 @@ def _measure(loader: str, folder: str, tiny: str, dtype_name: str) -> dict:
     with torch.no_grad():  # read every weight once: a memory-mapped loader's pages count only when touched
         for p in params:
             p.sum()
-    peak, after = _status_kib("VmHWM"), _status_kib("VmRSS")
+    peak, after = status_kib("VmHWM"), status_kib("VmRSS")
     weights = sum(p.numel() * p.element_size() for p in params)
     assert all(p.dtype == dtype for p in params)
     return {"loader": loader, "file_dtype": Path(folder).name.rsplit("-", 1)[-1], "dtype": dtype_name,
@@ -102,18 +93,6 @@ def _measure(loader: str, folder: str, tiny: str, dtype_name: str) -> dict:
             "baseline_mib": baseline / 1024, "peak_growth_mib": (peak - baseline) / 1024,
             "resident_growth_mib": (after - baseline) / 1024, "peak_over_weights": (peak - baseline) * 1024 / weights,
             "seconds": seconds}
-
-
-def _machine() -> str:
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import torch
-
-    return f"{model}, {os.cpu_count()} CPUs, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def main() -> int:
@@ -132,9 +111,9 @@ def main() -> int:
         folders = write_checkpoints(Path(tmp))
         for loader in loaders:
             for file_dtype, dtype in (("bf16", "bf16"), ("fp32", "bf16"), ("fp32", "fp32")):
-                cmd = [sys.executable, __file__, "--_child", loader, str(folders[file_dtype]), str(folders["tiny"]),
+                cmd = [sys.executable, "-m", "benchmarks.load_memory", "--_child", loader, str(folders[file_dtype]), str(folders["tiny"]),
                        dtype]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
                 rec = json.loads(out.stdout.strip().splitlines()[-1])
                 records.append(rec)
                 print(f"{loader:12s} {file_dtype} file -> {dtype}: weights {rec['weights_mib']:7.1f} MiB, peak "
@@ -145,20 +124,20 @@ def main() -> int:
 
     import torch
 
-    machine = _machine()
-    meta = {"benchmark": "load_memory", "machine": machine, "torch": torch.__version__, "shape": SMOLLM2_135M,
+    where = machine()
+    meta = {"benchmark": "load_memory", "machine": where, "torch": torch.__version__, "shape": SMOLLM2_135M,
             "method": "peak RSS growth (VmHWM after clear_refs) over a warmed-up process, one load per fresh "
                       "subprocess", "date": time.strftime("%Y-%m-%d")}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"load_memory-{re.sub(r'[^a-z0-9]+', '-', machine.lower()).strip('-')}"
+    stem = RESULTS / f"load_memory-{slug(where)}"
     stem.with_suffix(".json").write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
     md = ["# Loading peak memory: SmolLM2-135M's shape",
           "",
-          f"Machine: {machine}; torch {torch.__version__}; {meta['date']}.",
+          f"Machine: {where}; torch {torch.__version__}; {meta['date']}.",
           f"Checkpoint: SmolLM2-135M's shape ({records[0]['parameters']:,} parameters, tied embeddings), random "
           "weights, one model.safetensors.",
           f"Method: {meta['method']} (see benchmarks/load_memory.py).",
-          f"Command: `python benchmarks/load_memory.py{' --transformers' if args.transformers else ''}`",
+          f"Command: `python -m benchmarks.load_memory{' --transformers' if args.transformers else ''}`",
           "",
           "| loader | file | loaded as | weights (MiB) | peak growth (MiB) | peak / weights | resident after (MiB) "
           "| time (s) |",
