@@ -165,23 +165,31 @@ def _fused_linear_ce(hidden, weight, bias, labels, ignore_index, label_smoothing
     db = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_db else None
     dw_chunk = None
     logits_buffer = torch.empty((min(rows, n_tokens), vocab), dtype=hidden.dtype, device=hidden.device)
-    if matmul_dtype(hidden) != hidden.dtype:
-        # bf16 on a CPU without bf16 hardware: multiply in fp32, round the logits and dh once
-        # (_dispatch.matmul_dtype). One fp32 copy of the head for the whole loop.
-        return _fused_linear_ce_upcast(hidden, weight, bias, labels, ignore_index, label_smoothing, need_dh,
-                                       need_dw, need_db, ce_chunk, rows, loss_rows, dh, dw, db, logits_buffer)
+    # The matmuls run in `compute`: the input dtype, or fp32 for bf16 on a CPU without bf16
+    # hardware (_dispatch.matmul_dtype; one fp32 copy of the head for the whole loop). The
+    # logits and dh are rounded to the input dtype where they are written, as a native GEMM would.
+    compute = matmul_dtype(hidden)
+    weight_c = weight.to(compute)
+    bias_c = None if bias is None else bias.to(compute)
+    upcast = compute != hidden.dtype
     for start in range(0, n_tokens, rows):
         end = min(start + rows, n_tokens)
-        h = hidden[start:end]
+        h = hidden[start:end].to(compute)
         logits = logits_buffer[: end - start]
-        if bias is None:
-            torch.mm(h, weight.t(), out=logits)
+        if upcast:
+            logits.copy_(h @ weight_c.t() if bias_c is None else torch.addmm(bias_c, h, weight_c.t()))
+        elif bias is None:
+            torch.mm(h, weight_c.t(), out=logits)
         else:
-            torch.addmm(bias, h, weight.t(), out=logits)
+            torch.addmm(bias_c, h, weight_c.t(), out=logits)
         loss_rows[start:end] = ce_chunk(logits, labels[start:end], ignore_index, label_smoothing, write_grad)
-        grad_logits = logits  # now dL/dlogits of the chunk, in the input dtype (as autograd's cast gives)
+        # now dL/dlogits of the chunk, in the input dtype (as autograd's cast gives)
+        grad_logits = logits.to(compute)
         if need_dh:
-            torch.mm(grad_logits, weight, out=dh[start:end])
+            if upcast:
+                dh[start:end] = grad_logits @ weight_c
+            else:
+                torch.mm(grad_logits, weight_c, out=dh[start:end])
         if need_dw:
             if dw.dtype == grad_logits.dtype:
                 dw.addmm_(grad_logits.t(), h)
@@ -192,33 +200,6 @@ def _fused_linear_ce(hidden, weight, bias, labels, ignore_index, label_smoothing
                 dw += dw_chunk
         if need_db:
             db += grad_logits.float().sum(0)
-    return loss_rows.sum(), dh, dw, db
-
-
-def _fused_linear_ce_upcast(hidden, weight, bias, labels, ignore_index, label_smoothing, need_dh, need_dw, need_db,
-                            ce_chunk, rows, loss_rows, dh, dw, db, logits_buffer):
-    """The chunk loop above with the matmuls in fp32 on the low-precision values; the logits
-    (and so the loss and dL/dlogits) are rounded to the input dtype exactly where a native
-    bf16 GEMM would round them."""
-    n_tokens = hidden.shape[0]
-    weight32 = weight.float()
-    bias32 = None if bias is None else bias.float()
-    write_grad = need_dh or need_dw or need_db
-    for start in range(0, n_tokens, rows):
-        end = min(start + rows, n_tokens)
-        h32 = hidden[start:end].float()
-        logits32 = h32 @ weight32.t() if bias32 is None else torch.addmm(bias32, h32, weight32.t())
-        logits = logits_buffer[: end - start]
-        logits.copy_(logits32)
-        del logits32
-        loss_rows[start:end] = ce_chunk(logits, labels[start:end], ignore_index, label_smoothing, write_grad)
-        grad32 = logits.float() if (need_dh or need_dw) else None
-        if need_dh:
-            dh[start:end] = grad32 @ weight32
-        if need_dw:
-            dw.addmm_(grad32.t(), h32)
-        if need_db:
-            db += logits.float().sum(0)
     return loss_rows.sum(), dh, dw, db
 
 
