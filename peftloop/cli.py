@@ -136,7 +136,7 @@ def train_model(model_config: ModelConfig, data_config: DataConfig, train_values
     from peftloop.inject import describe_trainable, inject_lora
     from peftloop.models import enable_gradient_checkpointing, load_pretrained
     from peftloop.tokenizer import Tokenizer
-    from peftloop.train import train
+    from peftloop.train import seed_everything, train
 
     train_config = build(TrainConfig, train_values, "train", source)
     # LoRA on every linear layer but the head unless told otherwise (QLoRA's finding: all-linear
@@ -158,6 +158,9 @@ def train_model(model_config: ModelConfig, data_config: DataConfig, train_values
         print(f"peftloop: eval data {data_config.eval_file or f'{data_config.eval_split:.0%} of the train file'}: "
               f"{eval_data.stats.summary()}")
 
+    # Seed before anything random: torch seeds itself differently in every process, and
+    # inject_lora draws lora_A's init from it (every torchrun rank draws the same one).
+    seed_everything(train_config.seed)
     model = load_pretrained(folder, dtype=model_config.dtype, quantization=model_config.quantization,
                             quant_blocksize=model_config.quant_blocksize, double_quant=model_config.double_quant)
     if model_config.gradient_checkpointing:

@@ -182,7 +182,9 @@ class TrainConfig:
     output_dir: str = "runs/peftloop"
     """Where checkpoints, the final adapter and log.jsonl go."""
     seed: int = 42
-    """Seeds python, numpy and torch, the data order and LoRA init."""
+    """Seeds python, numpy and torch (dropout) and the data order. LoRA's init happens earlier, in
+    inject_lora: the CLI and the demo seed it with this value (library users call
+    peftloop.seed_everything(seed) before inject_lora)."""
     num_epochs: int = 1
     """Passes over the training data (ignored when max_steps > 0)."""
     max_steps: int = -1

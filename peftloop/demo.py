@@ -29,7 +29,7 @@ from peftloop.generate import generate
 from peftloop.inject import describe_trainable, inject_lora
 from peftloop.models import load_pretrained, save_pretrained
 from peftloop.models.llama import LlamaConfig, LlamaForCausalLM
-from peftloop.train import resolve_device, train
+from peftloop.train import resolve_device, seed_everything, train
 
 LETTERS = "abcdefghijklmnop"
 SPECIAL = ["<pad>", "<s>", "</s>"]
@@ -107,7 +107,7 @@ def run_demo(output_dir: str | Path = "peftloop-demo", train_overrides: dict | N
     output_dir = Path(output_dir)
     train_config = TrainConfig(**{**DEMO_TRAIN, "output_dir": str(output_dir), **(train_overrides or {})})
     lora_config = LoraConfig(**{**DEMO_LORA, **(lora_overrides or {})})
-    torch.manual_seed(train_config.seed)
+    seed_everything(train_config.seed)
     # Under torchrun every rank runs this function: rank 0 alone writes and prints.
     dist_, _ = distributed.setup(train_config.strategy, resolve_device(train_config.device))
     print = builtins.print if dist_.is_main else (lambda *args, **kwargs: None)  # noqa: A001

@@ -413,6 +413,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's generators (CPU and every CUDA device).
+
+    torch seeds its default generator differently in every process, so anything random that
+    happens before ``train()`` (LoRA's ``kaiming_uniform_`` init in ``inject_lora``, a model
+    built from scratch) is reproducible only if this runs first, as the CLI and the demo do:
+    ``seed_everything(seed); inject_lora(model, config); train(...)``."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
