@@ -25,7 +25,7 @@ reported; the memory figure is the first run's).
 Variants: "materialised" is the reference, ``F.cross_entropy(F.linear(h, W).float(), y)``;
 "fused" is ``peftloop.kernels.linear_cross_entropy`` on the CPU (its chunked torch path).
 The head is frozen (LoRA) unless --trainable-head. Results go to
-benchmarks/results/ce_memory-<machine>.{json,md}.
+benchmarks/results/ce_memory-<machine>-<date>.{json,md}.
 """
 
 from __future__ import annotations
@@ -33,14 +33,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-from benchmarks.common import RESULTS, machine, slug, status_kib
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import markdown_table, reset_peak, run_child, status_kib, write_results
 
 
 def _run_variant(variant: str, dtype_name: str, tokens: int, hidden: int, vocab: int, trainable_head: bool) -> dict:
@@ -69,9 +65,7 @@ def _run_variant(variant: str, dtype_name: str, tokens: int, hidden: int, vocab:
 
     step(*make(64, hidden, 512))  # warm-up at a tiny shape
     x, w, y = make(tokens, hidden, vocab)
-    baseline = status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    baseline = reset_peak()
     start = time.perf_counter()
     loss = step(x, w, y)
     seconds = [time.perf_counter() - start]
@@ -108,10 +102,9 @@ def main() -> int:
     for trainable in heads:
         for dtype_name in args.dtypes.split(","):
             for variant in ("materialised", "fused"):
-                cmd = [sys.executable, "-m", "benchmarks.ce_memory", "--tokens", str(args.tokens), "--hidden", str(args.hidden),
-                       "--vocab", str(args.vocab), "--_child", f"{variant}:{dtype_name}:{int(trainable)}"]
-                out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=ROOT)
-                rec = json.loads(out.stdout.strip().splitlines()[-1])
+                rec = run_child("ce_memory", ["--tokens", str(args.tokens), "--hidden", str(args.hidden),
+                                              "--vocab", str(args.vocab),
+                                              "--_child", f"{variant}:{dtype_name}:{int(trainable)}"], env=env)
                 records.append(rec)
                 print(f"{variant:12s} {dtype_name:4s} head {'trainable' if trainable else 'frozen   '} "
                       f"peak +{rec['peak_growth_mib']:8.1f} MiB  {rec['seconds']:6.2f} s  loss {rec['loss']:.4f}",
@@ -130,33 +123,20 @@ def main() -> int:
 
     if args.no_save:
         return 0
-    where = machine()
-    import torch
-
     shape = {"tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab}
-    meta = {"benchmark": "ce_memory", "machine": where, "torch": torch.__version__, "shape": shape,
-            "method": "peak RSS growth (VmHWM after clear_refs) over the inputs, one fwd+bwd per fresh subprocess",
-            "date": time.strftime("%Y-%m-%d")}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"ce_memory-{slug(where)}"
-    stem.with_suffix(".json").write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
-    md = ["# Loss peak memory: fused linear cross-entropy vs materialised logits",
-          "",
-          f"Machine: {where}; torch {torch.__version__}; {meta['date']}.",
-          f"Shape: {args.tokens} tokens, hidden {args.hidden}, vocabulary {args.vocab} (SmolLM2-135M's head)."
-          if (args.hidden, args.vocab) == (576, 49152) else
-          f"Shape: {args.tokens} tokens, hidden {args.hidden}, vocabulary {args.vocab}.",
-          f"Method: {meta['method']} (see benchmarks/ce_memory.py).",
-          f"Command: `python -m benchmarks.ce_memory{' --trainable-head' if args.trainable_head else ''}`",
-          "",
-          "| variant | dtype | head | peak growth (MiB) | vs materialised fp32 | fwd+bwd (s, min of 3) |",
-          "|---|---|---|---:|---:|---:|"]
-    for r in records:
-        md.append(f"| {r['variant']} | {r['dtype']} | {'trainable' if r['trainable_head'] else 'frozen'} | "
-                  f"{r['peak_growth_mib']:.1f} | {r['ratio_vs_materialised_fp32']:.1f}x | {r['seconds']:.2f} |")
-    md += ["", *lines, ""]
-    stem.with_suffix(".md").write_text("\n".join(md))
-    print(f"wrote {stem}.json and .md")
+    method = "peak RSS growth (VmHWM after clear_refs) over the inputs, one fwd+bwd per fresh subprocess"
+    rows = [(r["variant"], r["dtype"], "trainable" if r["trainable_head"] else "frozen", f"{r['peak_growth_mib']:.1f}",
+             f"{r['ratio_vs_materialised_fp32']:.1f}x" if r["ratio_vs_materialised_fp32"] else "-",
+             f"{r['seconds']:.2f}") for r in records]
+    body = [f"Shape: {args.tokens} tokens, hidden {args.hidden}, vocabulary {args.vocab}"
+            + (" (SmolLM2-135M's head)." if (args.hidden, args.vocab) == (576, 49152) else "."),
+            f"Method: {method} (see benchmarks/ce_memory.py).",
+            "",
+            *markdown_table(["variant", "dtype", "head", "peak growth (MiB)", "vs materialised fp32",
+                             "fwd+bwd (s, min of 3)"], rows, align="lllrrr"),
+            "", *lines]
+    write_results("ce_memory", records, title="Loss peak memory: fused linear cross-entropy vs materialised logits",
+                  body=body, meta={"shape": shape, "method": method})
     return 0
 
 

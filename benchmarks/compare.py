@@ -10,8 +10,9 @@ peak RSS, achieved GFLOP/s and its fraction of this machine's GEMM peak (measure
 run), and the ratios peftloop / Trainer. The spread between passes says how noisy the machine was.
 
 A parity run trains 20 steps in fp32 from one initial adapter with no dropout in both systems and
-compares the loss curves step by step. Results go to ``benchmarks/results/<machine>-<date>.json``,
-a plot beside it, and the table in ``docs/benchmarks.md``.
+compares the loss curves step by step. Results go to
+``benchmarks/results/compare-<machine>-<date>.{json,md}``, the plot beside them (``.png``), and the
+table into ``docs/benchmarks.md`` (unless ``--no-docs``).
 """
 
 from __future__ import annotations
@@ -27,9 +28,17 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, SHAPES, machine, slug
+from benchmarks.common import (
+    RESULTS,
+    ROOT,
+    SHAPES,
+    command_line,
+    machine,
+    markdown_table,
+    result_stem,
+    write_results,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
 TABLE_START, TABLE_END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -82,7 +91,7 @@ def run(system: str, base: Path, dtype: str, args, workdir: Path, parity_adapter
            "--workdir", str(workdir / "runs"), "--out", str(out)]
     if parity_adapter:
         cmd += ["--parity", "--adapter", str(parity_adapter), "--warmup", "0"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{system} {dtype} failed:\n{proc.stderr[-4000:]}")
     return json.loads(out.read_text())
@@ -161,35 +170,44 @@ def plot(results: dict, path: Path) -> Path | None:
     return path
 
 
-def markdown(results: dict, command: str) -> str:
-    lines = [
-        f"Measured {results['date']} on {results['machine']}, torch {results['torch']} "
-        f"({results['threads']} threads); GEMM peak (2048^3): fp32 {results['gemm_peak']['fp32']:.0f}, "
-        f"bf16 {results['gemm_peak']['bf16']:.0f} GFLOP/s. Load average {results['load_before']:.2f} before, "
-        f"{results['load_after']:.2f} after. Command: `{command}`",
-        "",
-        "| model | dtype | system | s/step | tokens/s | peak RSS | GFLOP/s | of GEMM peak | spread |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+def conditions(results: dict) -> str:
+    """The machine's state during the run: its GEMM peak and its load."""
+    return (f"GEMM peak (2048^3): fp32 {results['gemm_peak']['fp32']:.0f}, bf16 {results['gemm_peak']['bf16']:.0f} "
+            f"GFLOP/s. Load average {results['load_before']:.2f} before, {results['load_after']:.2f} after.")
+
+
+def tables(results: dict) -> list[str]:
+    """Every system's figures per configuration, the peftloop / Trainer ratios and the parity line."""
     names = {"peftloop": "peftloop", "trainer": "Trainer + peft", "handloop": "plain loop + peft"}
+    rows, ratios = [], []
     for key, s in results["configs"].items():
         model, dtype = key.split("/")
         for system in ("trainer", "handloop", "peftloop"):
             if system in s:
                 r = s[system]
-                lines.append(f"| {model} | {dtype} | {names[system]} | {r['median_step_s']:.3f} | "
-                             f"{r['tokens_per_s']:.0f} | {r['peak_rss_mib']:.0f} MiB | {r['gflops']:.0f} | "
-                             f"{100 * r['of_gemm_peak']:.0f}% | {100 * r['spread']:.0f}% |")
-    lines += ["", "| model | dtype | tokens/s peftloop / Trainer | peak RSS peftloop / Trainer |", "|---|---|---|---|"]
-    for key, s in results["configs"].items():
+                rows.append((model, dtype, names[system], f"{r['median_step_s']:.3f}", f"{r['tokens_per_s']:.0f}",
+                             f"{r['peak_rss_mib']:.0f} MiB", f"{r['gflops']:.0f}", f"{100 * r['of_gemm_peak']:.0f}%",
+                             f"{100 * r['spread']:.0f}%"))
         if "ratio" in s:
-            model, dtype = key.split("/")
-            lines.append(f"| {model} | {dtype} | **{s['ratio']['tokens_per_s']:.2f}x** | **{s['ratio']['peak_rss']:.2f}x** |")
+            ratios.append((model, dtype, f"**{s['ratio']['tokens_per_s']:.2f}x**", f"**{s['ratio']['peak_rss']:.2f}x**"))
+    lines = [*markdown_table(["model", "dtype", "system", "s/step", "tokens/s", "peak RSS", "GFLOP/s", "of GEMM peak",
+                              "spread"], rows),
+             "",
+             *markdown_table(["model", "dtype", "tokens/s peftloop / Trainer", "peak RSS peftloop / Trainer"], ratios)]
     if results.get("parity"):
         p = results["parity"]
-        lines += ["", f"Loss-curve parity ({p['model']}, fp32, same initial adapter, no dropout, {p['steps']} steps): "
-                      f"max |peftloop - Trainer| = {p['max_abs_diff']:.2e} per step."]
-    if results.get("plot"):
+        lines += ["", (f"Loss-curve parity ({p['model']}, fp32, same initial adapter, no dropout, {p['steps']} "
+                       f"steps): max |peftloop - Trainer| = {p['max_abs_diff']:.2e} per step.")]
+    return lines
+
+
+def markdown(results: dict, command: str) -> str:
+    """The table for docs/benchmarks.md, with the run's conditions and command above it."""
+    lines = [(f"Measured {results['date']} on {results['machine']}, torch {results['torch']} "
+              f"({results['threads']} threads); {conditions(results)} Command: `{command}`"),
+             "",
+             *tables(results)]
+    if results.get("plot"):  # relative to docs/, as the page links it
         lines += ["", f"![loss curves and step times](../benchmarks/results/{Path(results['plot']).name})"]
     return "\n".join(lines)
 
@@ -218,7 +236,7 @@ def main() -> int:
                                       "small/fp32,small/bf16,smollm/fp32")
     p.add_argument("--no-docs", action="store_true", help="do not rewrite the table in docs/benchmarks.md")
     args = p.parse_args()
-    command = "python -m benchmarks.compare " + " ".join(sys.argv[1:])
+    command = command_line("compare")
 
     systems = args.systems.split(",")
     missing = missing_references()
@@ -261,10 +279,16 @@ def main() -> int:
         print(f"parity: max |loss diff| over {args.parity_steps} steps = {results['parity']['max_abs_diff']:.2e}")
     results["load_after"] = load_average()
 
-    stem = RESULTS / f"{slug(results['machine'])}-{results['date']}"
+    stem = result_stem("compare", results["machine"], results["date"])
     figure = plot(results, stem.with_suffix(".png"))
     results["plot"] = str(figure.relative_to(ROOT)) if figure else ""  # no machine paths in the results
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    body = [f"{results['threads']} threads. {conditions(results)}", "", *tables(results)]
+    if figure:  # relative to this file
+        body += ["", f"![loss curves and step times]({figure.name})"]
+    head = ("machine", "date", "torch", "runs")
+    write_results("compare", results["runs"], title="peftloop against transformers.Trainer + peft", body=body,
+                  meta={k: v for k, v in results.items() if k not in head}, machine_name=results["machine"],
+                  date=results["date"])
     table = markdown(results, command)
     print("\n" + table)
     if not args.no_docs:

@@ -1,8 +1,8 @@
 """Each Triton kernel against torch eager and torch.compile at Llama-1B and Llama-8B layer shapes, in bf16.
 
-    python benchmarks/gpu_kernels.py                # one GPU, about 3-5 minutes (most of it torch.compile)
-    python benchmarks/gpu_kernels.py --ops lora_linear,linear_cross_entropy --shapes llama-8b
-    python benchmarks/gpu_kernels.py --smoke        # tiny shapes on the CPU (Triton interpreted): checks the script
+    python -m benchmarks.gpu_kernels                # one GPU, about 3-5 minutes (most of it torch.compile)
+    python -m benchmarks.gpu_kernels --ops lora_linear,linear_cross_entropy --shapes llama-8b
+    python -m benchmarks.gpu_kernels --smoke        # tiny shapes on the CPU (Triton interpreted): checks the script
 
 Providers: "peftloop" runs the op under ``backend("triton")`` (the fused kernels), "eager"
 runs its plain-torch reference (``backend("reference")``), "compile" runs
@@ -11,9 +11,9 @@ Metrics: time in ms (p50, with p20 and p80, from ``triton.testing.do_bench``) an
 memory the op adds on top of its inputs (``torch.cuda.max_memory_allocated``), plus the
 largest difference between the peftloop and eager outputs as a sanity check.
 
-Results go to benchmarks/results/gpu_kernels-<gpu>.json (one record per measurement, in the
-schema of Liger's benchmark CSV: kernel, provider, mode, metric, unit, x, p50/p20/p80, gpu)
-and a markdown table beside it.
+Results go to benchmarks/results/gpu_kernels-<gpu>-<date>.json (one record per measurement, in the
+schema of Liger's benchmark CSV: kernel, provider, mode, metric, unit, x, p50/p20/p80; the GPU is
+the file's "machine") and a markdown table beside it (.md).
 
 Not run yet: this machine has no GPU. The first GPU run should commit its results.
 """
@@ -21,13 +21,10 @@ Not run yet: this machine has no GPU. The first GPU run should commit its result
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 if "--smoke" in sys.argv and not os.environ.get("TRITON_INTERPRET"):
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
@@ -36,7 +33,7 @@ import peftloop.kernels as K
 import torch
 from peftloop.kernels import backend
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common import machine, markdown_table, write_results
 
 
 @dataclass(frozen=True)
@@ -160,7 +157,7 @@ def measure(op: str, shape: Shape, provider: str, device, smoke: bool) -> list[d
     records = []
     for mode, step in (("forward", forward), ("full", full)):
         p50, p20, p80 = timed(step, device, smoke)
-        records.append(dict(metric="time", unit="ms", mode=mode, p50=p50, p20=p20, p80=p80))
+        records.append({"metric": "time", "unit": "ms", "mode": mode, "p50": p50, "p20": p20, "p80": p80})
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -168,7 +165,7 @@ def measure(op: str, shape: Shape, provider: str, device, smoke: bool) -> list[d
             step()
             torch.cuda.synchronize()
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-            records.append(dict(metric="memory", unit="MiB", mode=mode, p50=peak, p20=peak, p80=peak))
+            records.append({"metric": "memory", "unit": "MiB", "mode": mode, "p50": peak, "p20": peak, "p80": peak})
     diff = None
     if op != "lora_linear_dropout":
         with torch.no_grad():
@@ -181,34 +178,29 @@ def measure(op: str, shape: Shape, provider: str, device, smoke: bool) -> list[d
 
 
 def _gpu_name(device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke test, Triton interpreted)"
+    """The GPU and its CUDA version (as every benchmark names a GPU machine), or the smoke test's label."""
+    return machine() if device.type == "cuda" else "cpu (smoke test, Triton interpreted)"
 
 
-def write(records: list[dict], device, args) -> Path:
-    import triton
-
-    gpu = _gpu_name(device)
-    meta = {"benchmark": "gpu_kernels", "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
-            "dtype": "bf16", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": " ".join(sys.argv)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / ("gpu_kernels-" + re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-"))
-    stem.with_suffix(".json").write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
-    lines = [f"# Triton kernels vs torch eager and torch.compile ({gpu})", "",
-             f"bf16; torch {meta['torch']}, triton {meta['triton']}; {meta['timestamp']}; `{meta['command']}`.",
-             "Time: p50 ms (p20-p80). Memory: peak MiB over the inputs. Speed-up: eager / peftloop.", "",
-             "| kernel | shape | mode | peftloop | eager | compile | speed-up | memory peftloop / eager (MiB) |",
-             "|---|---|---|---|---|---|---:|---|"]
+def write(records: list[dict], device) -> None:
+    rows = []
     index = {(r["kernel"], r["x"], r["mode"], r["provider"], r["metric"]): r for r in records}
     for kernel, x, mode in sorted({(r["kernel"], r["x"], r["mode"]) for r in records}):
         t = {p: index.get((kernel, x, mode, p, "time")) for p in ("peftloop", "eager", "compile")}
         m = {p: index.get((kernel, x, mode, p, "memory")) for p in ("peftloop", "eager")}
-        cell = lambda r: f"{r['p50']:.3f} ({r['p20']:.3f}-{r['p80']:.3f})" if r else "-"
         speed = f"{t['eager']['p50'] / t['peftloop']['p50']:.2f}x" if t["eager"] and t["peftloop"] else "-"
         mem = f"{m['peftloop']['p50']:.0f} / {m['eager']['p50']:.0f}" if m["peftloop"] and m["eager"] else "-"
-        lines.append(f"| {kernel} | {x} | {mode} | {cell(t['peftloop'])} | {cell(t['eager'])} | "
-                     f"{cell(t['compile'])} | {speed} | {mem} |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    return stem
+        rows.append((kernel, x, mode, _cell(t["peftloop"]), _cell(t["eager"]), _cell(t["compile"]), speed, mem))
+    gpu = _gpu_name(device)
+    body = ["bf16. Time: p50 ms (p20-p80). Memory: peak MiB over the inputs. Speed-up: eager / peftloop.", "",
+            *markdown_table(["kernel", "shape", "mode", "peftloop", "eager", "compile", "speed-up",
+                             "memory peftloop / eager (MiB)"], rows, align="llllllrl")]
+    write_results("gpu_kernels", records, title=f"Triton kernels vs torch eager and torch.compile ({gpu})",
+                  body=body, machine_name=gpu, libraries=("torch", "triton"), meta={"dtype": "bf16"})
+
+
+def _cell(record: dict | None) -> str:
+    return f"{record['p50']:.3f} ({record['p20']:.3f}-{record['p80']:.3f})" if record else "-"
 
 
 def main() -> int:
@@ -241,7 +233,7 @@ def main() -> int:
                       f"  ({time.perf_counter() - t0:.1f}s)", flush=True)
     print(f"total {time.perf_counter() - start:.0f}s")
     if not args.no_save:
-        print(f"wrote {write(records, device, args)}.json and .md")
+        write(records, device)
     return 0
 
 

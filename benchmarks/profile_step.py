@@ -11,7 +11,8 @@ as the Trainer computes it). ``torch.profiler`` self CPU time of every aten op i
 bucket: matmuls, attention, loss (log-softmax, NLL and their backward), elementwise (norms, RoPE,
 activations, dropout, casts and copies, the backward's additions) and everything else. The optimizer
 step is timed apart: one fused AdamW step over the adapters. The table says where the step's
-time goes and where the two systems differ.
+time goes and where the two systems differ. Results go to
+benchmarks/results/profile_step-<machine>-<date>.{json,md}.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, SHAPES
+from benchmarks.common import RESULTS, SHAPES, markdown_table, write_results
 from benchmarks.compare import write_base
 from benchmarks.run_one import MICRO_BATCH, SEQ_LEN, TARGETS
 
@@ -38,7 +39,7 @@ def bucket(name: str) -> str:
     for label, keys in BUCKETS.items():
         if any(name == k or (not k.startswith("aten::") and k in name) for k in keys):
             return label
-    if name.startswith("aten::") or name.startswith("autograd::"):
+    if name.startswith(("aten::", "autograd::")):
         return "elementwise/other"
     return "python/other"
 
@@ -109,20 +110,28 @@ def main() -> int:
     p.add_argument("--model", default="smollm", choices=sorted(SHAPES))
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--no-save", action="store_true", help="print only")
     args = p.parse_args()
     base = write_base(args.model, RESULTS / "tmp" / f"base-{args.model}")
     ours = profile(peftloop_step, base, args.dtype, args.repeats)
     theirs = profile(peft_step, base, args.dtype, args.repeats)
-    rows = ["matmul", "attention", "loss", "elementwise/other", "python/other",
-            "optimizer step (once per 2 micro-batches)", "wall per micro-batch"]
-    print(f"one micro-batch ({MICRO_BATCH} x {SEQ_LEN} tokens), {args.model}, {args.dtype}: seconds "
-          f"(buckets: self CPU time scaled to the wall time)")
-    print(f"| {'':42s} | peftloop | transformers + peft | ratio |")
-    print(f"|{'-' * 44}|---------:|--------------------:|------:|")
-    for row in rows:
-        a, b = ours.get(row, 0.0), theirs.get(row, 0.0)
-        ratio = f"{a / b:.2f}" if b > 1e-4 else "-"
-        print(f"| {row:42s} | {a:8.3f} | {b:19.3f} | {ratio:>5s} |")
+    buckets = ["matmul", "attention", "loss", "elementwise/other", "python/other",
+               "optimizer step (once per 2 micro-batches)", "wall per micro-batch"]
+    records = [{"bucket": b, "peftloop_s": ours.get(b, 0.0), "transformers_peft_s": theirs.get(b, 0.0)}
+               for b in buckets]
+    what = (f"one micro-batch ({MICRO_BATCH} x {SEQ_LEN} tokens), {args.model}, {args.dtype}: seconds "
+            f"(buckets: self CPU time scaled to the wall time)")
+    rows = [(r["bucket"], f"{r['peftloop_s']:.3f}", f"{r['transformers_peft_s']:.3f}",
+             f"{r['peftloop_s'] / r['transformers_peft_s']:.2f}" if r["transformers_peft_s"] > 1e-4 else "-")
+            for r in records]
+    table = markdown_table(["bucket (s)", "peftloop", "transformers + peft", "ratio"], rows, align="lrrr")
+    print(what, *table, sep="\n")
+    if args.no_save:
+        return 0
+    write_results("profile_step", records, title="Where one micro-batch's time goes: peftloop vs transformers + peft",
+                  body=[f"{what[0].upper()}{what[1:]}.", "", *table], libraries=("torch", "transformers", "peft"),
+                  meta={"model": args.model, "dtype": args.dtype, "repeats": args.repeats,
+                        "micro_batch_size": MICRO_BATCH, "seq_len": SEQ_LEN})
     return 0
 
 

@@ -19,7 +19,7 @@ checkpoint (what the hub ships). Each variant runs in a fresh subprocess:
 4. report the median wall time of the measured steps (a callback timestamps each step's end),
    the resident growth after loading, and the peak growth (VmHWM - baseline) over the whole run.
 
-Results go to benchmarks/results/variants-<machine>.{json,md} (the date inside). The figures swing with
+Results go to benchmarks/results/variants-<machine>-<date>.{json,md}. The figures swing with
 other load on the machine: run it when the machine is otherwise quiet.
 """
 
@@ -28,18 +28,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine, slug, status_kib
+from benchmarks.common import (
+    SMOLLM2_135M,
+    markdown_table,
+    reset_peak,
+    run_child,
+    status_kib,
+    write_results,
+    write_smollm2_shape,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
-                    rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEQ_LEN, MICRO_BATCH, GRAD_ACCUM = 256, 4, 2
 
@@ -51,20 +54,6 @@ VARIANTS = {
     "qlora_gc": ("QLoRA + gradient checkpointing", "nf4", True, False),
     "dora": ("DoRA", None, False, True),
 }
-
-
-def write_checkpoints(root: Path) -> dict[str, Path]:
-    import torch
-
-    from peftloop.models import save_pretrained
-    from peftloop.models.llama import LlamaConfig, LlamaForCausalLM
-
-    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M))
-    model.init_weights(torch.Generator().manual_seed(0))
-    folders = {"model": save_pretrained(model.to(torch.bfloat16), root / "smollm2-135m-shape")}
-    tiny = LlamaForCausalLM(LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": 1, "vocab_size": 64}))
-    folders["tiny"] = save_pretrained(tiny, root / "tiny")
-    return folders
 
 
 def _measure(variant: str, folder: str, tiny: str, warmup: int, steps: int, output_dir: str) -> dict:
@@ -80,9 +69,7 @@ def _measure(variant: str, folder: str, tiny: str, warmup: int, steps: int, outp
 
     _, quantization, checkpointing, dora = VARIANTS[variant]
     load_pretrained(tiny, dtype="fp32", quantization=quantization)  # warm-up: imports, allocator, thread pools
-    baseline = status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    baseline = reset_peak()
     start = time.perf_counter()
     model = load_pretrained(folder, dtype="fp32", quantization=quantization)
     load_seconds = time.perf_counter() - start
@@ -144,15 +131,10 @@ def main() -> int:
         parser.error(f"unknown variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     records = []
     with tempfile.TemporaryDirectory() as tmp:
-        folders = write_checkpoints(Path(tmp))
+        folders = write_smollm2_shape(Path(tmp), ("bf16",))
         for name in names:
-            cmd = [sys.executable, "-m", "benchmarks.variants", "--_child", name, str(folders["model"]), str(folders["tiny"]),
-                   str(args.warmup), str(args.steps), str(Path(tmp) / f"run-{name}")]
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            if out.returncode:
-                print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
-                return 1
-            rec = json.loads(out.stdout.strip().splitlines()[-1])
+            rec = run_child("variants", ["--_child", name, str(folders["bf16"]), str(folders["tiny"]),
+                                         str(args.warmup), str(args.steps), str(Path(tmp) / f"run-{name}")])
             records.append(rec)
             print(f"{rec['description']:32s} median step {rec['median_step_s']:6.2f} s "
                   f"({rec['tokens_per_s']:5.0f} tok/s), peak +{rec['peak_growth_mib']:7.1f} MiB, "
@@ -161,42 +143,29 @@ def main() -> int:
     if args.no_save:
         return 0
 
-    import torch
-
-    where = machine()
-    date = time.strftime("%Y-%m-%d")
-    meta = {"benchmark": "variants", "machine": where, "torch": torch.__version__, "shape": SMOLLM2_135M,
-            "seq_len": SEQ_LEN, "micro_batch_size": MICRO_BATCH, "grad_accum": GRAD_ACCUM, "lora_r": 16,
-            "lora_alpha": 32, "target_modules": TARGETS, "precision": "fp32", "warmup_steps": args.warmup,
-            "measured_steps": args.steps, "date": date,
+    meta = {"shape": SMOLLM2_135M, "seq_len": SEQ_LEN, "micro_batch_size": MICRO_BATCH, "grad_accum": GRAD_ACCUM,
+            "lora_r": 16, "lora_alpha": 32, "target_modules": TARGETS, "precision": "fp32",
+            "warmup_steps": args.warmup, "measured_steps": args.steps,
             "method": "one fresh subprocess per variant; peak = VmHWM - VmRSS baseline after a warm-up load "
                       "(clear_refs), over load + training; step time = median of the measured steps"}
     lora = next((r for r in records if r["variant"] == "lora"), None)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"variants-{slug(where)}"  # the date is inside
-    stem.with_suffix(".json").write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
-    md = ["# LoRA variants: step time and peak memory, SmolLM2-135M's shape",
-          "",
-          f"Machine: {where}; torch {torch.__version__}; {date}.",
-          f"Model: SmolLM2-135M's shape ({records[0]['total_params']:,} parameters, tied embeddings), random "
-          "weights, loaded in fp32 from a bf16 checkpoint (QLoRA: every Linear but the head in NF4 with double "
-          "quantisation, computing in fp32).",
-          f"Training: LoRA r=16, alpha 32 on {', '.join(TARGETS)}; {GRAD_ACCUM} micro-batches of "
-          f"{MICRO_BATCH} x {SEQ_LEN} random tokens per step, loss on every token, fp32, AdamW; "
-          f"{args.warmup} warm-up + {args.steps} measured steps.",
-          f"Method: {meta['method']} (see benchmarks/variants.py).",
-          f"Command: `python -m benchmarks.variants{f' --steps {args.steps}' if args.steps != 3 else ''}`",
-          "",
-          "| variant | median step (s) | tokens/s | step time vs LoRA | peak growth (MiB) | peak vs LoRA "
-          "| Linear weights (MiB) | model after load (MiB) |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in records:
-        vs_time = f"{r['median_step_s'] / lora['median_step_s']:.2f}x" if lora else "-"
-        vs_peak = f"{r['peak_growth_mib'] / lora['peak_growth_mib']:.2f}x" if lora else "-"
-        md.append(f"| {r['description']} | {r['median_step_s']:.2f} | {r['tokens_per_s']:.0f} | {vs_time} | "
-                  f"{r['peak_growth_mib']:.0f} | {vs_peak} | {r['linear_weights_mib']:.1f} | {r['model_mib']:.1f} |")
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print(f"wrote {stem}.json and .md")
+    rows = [(r["description"], f"{r['median_step_s']:.2f}", f"{r['tokens_per_s']:.0f}",
+             f"{r['median_step_s'] / lora['median_step_s']:.2f}x" if lora else "-", f"{r['peak_growth_mib']:.0f}",
+             f"{r['peak_growth_mib'] / lora['peak_growth_mib']:.2f}x" if lora else "-",
+             f"{r['linear_weights_mib']:.1f}", f"{r['model_mib']:.1f}") for r in records]
+    body = [(f"Model: SmolLM2-135M's shape ({records[0]['total_params']:,} parameters, tied embeddings), "
+             "random weights, loaded in fp32 from a bf16 checkpoint (QLoRA: every Linear but the head in NF4 with "
+             "double quantisation, computing in fp32)."),
+            (f"Training: LoRA r=16, alpha 32 on {', '.join(TARGETS)}; {GRAD_ACCUM} micro-batches of "
+             f"{MICRO_BATCH} x {SEQ_LEN} random tokens per step, loss on every token, fp32, AdamW; "
+             f"{args.warmup} warm-up + {args.steps} measured steps."),
+            f"Method: {meta['method']} (see benchmarks/variants.py).",
+            "",
+            *markdown_table(["variant", "median step (s)", "tokens/s", "step time vs LoRA", "peak growth (MiB)",
+                             "peak vs LoRA", "Linear weights (MiB)", "model after load (MiB)"], rows,
+                            align="lrrrrrrr")]
+    write_results("variants", records, title="LoRA variants: step time and peak memory, SmolLM2-135M's shape",
+                  body=body, meta=meta)
     return 0
 
 
