@@ -1,7 +1,7 @@
 """MkDocs hook: serve the measured figures in benchmarks/results/ with the site.
 
 The pages link to the figures the way they lie in the repository, relative to docs/
-(``![...](../benchmarks/results/<machine>-<date>.png)``, as ``python -m benchmarks.compare``
+(``![...](../benchmarks/results/compare-<machine>-<date>.png)``, as ``python -m benchmarks.compare``
 writes it), so the links work when the Markdown is read on a code host. MkDocs only knows the
 files under docs/, so this hook adds every image in benchmarks/results/ to the site as
 ``benchmarks/results/<name>`` and points those links there. A link to a figure that does not
