@@ -35,3 +35,18 @@ def toy_examples(n: int, seed: int = 0, vocab: int = 61, min_len: int = 3, max_l
         labels = ([-100] * (k + 2) + x) if mask_prompt else list(ids)
         out.append({"input_ids": ids, "labels": labels})
     return out
+
+
+# A merged model's logits against the adapter-on-base logits, fp32. Merging rounds W + s·B·A to fp32
+# once per weight where the adapter computes x·Wᵀ + s·(x·Aᵀ)·Bᵀ: the two differ by a few ulps of each
+# product, and the difference grows with the logits' magnitude (1.03e-4 on SmolLM2-135M-Instruct,
+# whose logits reach ~40: 2.6e-6 of the scale). So the tolerance is relative to the largest logit.
+MERGE_LOGITS_RTOL = 1e-5
+
+
+def assert_merged_logits_close(merged: torch.Tensor, adapted: torch.Tensor) -> None:
+    scale = adapted.abs().max().item()
+    err = (merged - adapted).abs().max().item()
+    assert err <= MERGE_LOGITS_RTOL * max(scale, 1.0), (
+        f"merged logits differ by {err:.3g} from the adapter's, over {MERGE_LOGITS_RTOL:g} x the logits' "
+        f"scale {scale:.3g}")

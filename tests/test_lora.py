@@ -147,7 +147,7 @@ def test_merge_of_bf16_base_is_computed_in_fp32():
     assert torch.equal(layer.base_layer.weight, expected)
 
 
-def test_adapter_stays_fp32_on_bf16_base_and_autocast_computes_in_bf16():
+def test_adapter_stays_fp32_on_bf16_base_and_autocast_computes_in_bf16(cpu_low_precision):
     layer = make_layer(dtype=torch.bfloat16)
     assert layer.lora_A.weight.dtype == torch.float32 and layer.lora_B.weight.dtype == torch.float32
     x = torch.randn(4, 13)

@@ -1,6 +1,7 @@
 """NF4 quantisation: the code values, quantise -> dequantise against the definition, bitsandbytes
 (when installed) bit for bit, and the NF4Linear module."""
 
+import importlib.metadata
 import math
 from statistics import NormalDist
 
@@ -165,19 +166,66 @@ def test_quantisation_equals_bitsandbytes(shape, blocksize, double_quant):
     assert torch.all((ours.absmax.long() - theirs.absmax.long()).abs() <= 1)
 
 
+def bnb_definition(packed, quant_state) -> torch.Tensor:
+    """What bitsandbytes' packed codes and scales mean, written out in plain torch (fp32):
+    two codes per byte, high nibble first; value = nf4[code] · absmax of its block; with double
+    quantisation absmax = dynamic[code8] · nested_absmax of its 256-block group + offset."""
+    nibbles = torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 15], 1).reshape(-1).long()
+    numel, blocksize = quant_state.shape.numel(), quant_state.blocksize
+    absmax = quant_state.absmax
+    if quant_state.nested:
+        dynamic = torch.tensor(dynamic_code_values())
+        groups = quant_state.state2.absmax.repeat_interleave(quant_state.state2.blocksize)[:absmax.numel()]
+        absmax = dynamic[absmax.long()] * groups + quant_state.offset
+    values = torch.tensor(NF4_CODE)[nibbles[:numel]] * absmax.float().repeat_interleave(blocksize)[:numel]
+    return values.reshape(quant_state.shape)
+
+
+def _bnb_weight(shape, double_quant):
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    packed, quant_state = bnbf.quantize_4bit(weight, blocksize=64, quant_type="nf4",
+                                             compress_statistics=double_quant)
+    return weight, packed, quant_state
+
+
 @needs_bnb
 @pytest.mark.parametrize("shape", [(64, 96), (45, 7), (300, 257)])
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dequantising_a_bitsandbytes_weight_gives_its_values(shape, double_quant, dtype):
-    """Our reader on bitsandbytes' own packed codes and scales gives exactly its dequantize_4bit."""
+def test_dequantising_a_bitsandbytes_weight_gives_its_definition(shape, double_quant, dtype):
+    """Our reader on bitsandbytes' own packed codes and scales gives code·absmax exactly, and
+    those values are the nearest NF4 values to the weight (the quantiser's promise)."""
     from peftloop.kernels import nf4_dequantize
 
-    weight = torch.randn(shape, generator=torch.Generator().manual_seed(4))
-    packed, quant_state = bnbf.quantize_4bit(weight, blocksize=64, quant_type="nf4",
-                                             compress_statistics=double_quant)
-    expected = bnbf.dequantize_4bit(packed, quant_state).to(dtype)
-    assert torch.equal(nf4_dequantize(_bnb_state(packed, quant_state), dtype), expected)
+    weight, packed, quant_state = _bnb_weight(shape, double_quant)
+    expected = bnb_definition(packed, quant_state)
+    assert torch.equal(nf4_dequantize(_bnb_state(packed, quant_state), dtype), expected.to(dtype))
+    if not double_quant:  # each code is the NF4 value nearest to the weight at its block's scale
+        scale = quant_state.absmax.repeat_interleave(64)[:weight.numel()]
+        nearest = (weight.reshape(-1, 1) / scale[:, None] - torch.tensor(NF4_CODE)).abs().argmin(1)
+        assert torch.equal(expected.reshape(-1), torch.tensor(NF4_CODE)[nearest] * scale)
+
+
+@needs_bnb
+@pytest.mark.parametrize("shape", [(64, 96), (45, 7), (300, 257)])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantising_a_bitsandbytes_weight_gives_its_dequantize_4bit(shape, double_quant):
+    """Bit for bit with bitsandbytes' own dequantize_4bit, where that function keeps its
+    definition on this CPU. bitsandbytes 0.50's CPU kernel on AVX-512-BF16 hosts returns wrong
+    values from the third block on for some shapes (its error against the weight is 0.19, the
+    definition's 0.07): there the test skips and says so, since the definition test above
+    already holds our values to code·absmax."""
+    from peftloop.kernels import nf4_dequantize
+
+    _, packed, quant_state = _bnb_weight(shape, double_quant)
+    theirs = bnbf.dequantize_4bit(packed, quant_state)
+    definition = bnb_definition(packed, quant_state)
+    if not torch.equal(theirs, definition):
+        wrong = (theirs != definition).reshape(-1).nonzero()
+        pytest.skip(f"bitsandbytes {importlib.metadata.version('bitsandbytes')}'s dequantize_4bit disagrees with its own "
+                    f"definition on this CPU ({torch.backends.cpu.get_cpu_capability()}): {len(wrong)} of "
+                    f"{definition.numel()} values differ, the first at flat index {int(wrong[0])}")
+    assert torch.equal(nf4_dequantize(_bnb_state(packed, quant_state), torch.float32), theirs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from peftloop.cli import main as cli_main  # noqa: E402
 from peftloop.config import LoraConfig  # noqa: E402
 from peftloop.inject import inject_lora  # noqa: E402
 from peftloop.models import load_pretrained, save_pretrained  # noqa: E402
-from tests.helpers import tiny_model  # noqa: E402
+from tests.helpers import assert_merged_logits_close, tiny_model  # noqa: E402
 
 TOKENS = torch.tensor([[1, 5, 9, 33, 2, 17, 8, 60, 4], [1, 44, 3, 3, 12, 50, 21, 7, 2]])
 
@@ -100,8 +100,8 @@ def test_merge_cli_output_loads_in_transformers(tmp_path, base_dir):
     assert cli_main(["merge", "--base", str(base_dir), "--adapter", str(tmp_path / "adapter"),
                      "--out", str(tmp_path / "merged")]) == 0
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    torch.testing.assert_close(logits_of(merged), expected, rtol=0, atol=1e-4)
-    torch.testing.assert_close(logits_of(load_pretrained(tmp_path / "merged")), expected, rtol=0, atol=1e-4)
+    assert_merged_logits_close(logits_of(merged), expected)
+    assert_merged_logits_close(logits_of(load_pretrained(tmp_path / "merged")), expected)
 
 
 def test_peftloop_adapter_on_a_transformers_model(tmp_path, base_dir):

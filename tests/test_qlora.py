@@ -53,7 +53,7 @@ def test_qlora_is_lora_on_the_dequantised_weights():
     assert all(p.grad is None for p in qlora.parameters() if not p.requires_grad)
 
 
-def test_qlora_under_bf16_autocast():
+def test_qlora_under_bf16_autocast(cpu_low_precision):
     qlora = _qlora(use_dora=True)
     reference = dequantize_model(quantize_model(tiny_model(seed=0)))
     torch.manual_seed(1)

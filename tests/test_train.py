@@ -127,6 +127,19 @@ def test_fp16_scaler_skips_an_inf_step_and_leaves_parameters_unharmed(tmp_path):
     assert math.isfinite(log[3]["loss"])
 
 
+def test_bf16_training_is_the_same_on_both_cpu_matmul_paths(tmp_path, force_cpu_low_precision):
+    """bf16 autocast on a CPU with bf16 hardware (native GEMMs) and without it (fp32 products,
+    rounded once): the same products, so the same losses to bf16 rounding, on every host."""
+    losses = {}
+    for mode in ("native", "fp32"):
+        force_cpu_low_precision(mode)
+        run(lora_model(), toy_examples(16), tmp_path / mode, precision="bf16", micro_batch_size=4, max_steps=3,
+            learning_rate=1e-2, shuffle=False)
+        losses[mode] = [r["loss"] for r in read_log(tmp_path / mode) if "loss" in r]
+    assert len(losses["native"]) == 3 and all(math.isfinite(x) for x in losses["native"])
+    assert losses["fp32"] == pytest.approx(losses["native"], rel=1e-2)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_demo_task_learns(tmp_path, precision):

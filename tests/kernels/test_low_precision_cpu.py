@@ -15,11 +15,10 @@ from peftloop.kernels.lora_linear import lora_linear_reference
 
 
 @pytest.fixture
-def force(monkeypatch):
-    """force("native") / force("fp32"): pretend the CPU has, or lacks, bf16 matmuls."""
-    def set_mode(mode):
-        monkeypatch.setattr(dispatch, "native_low_precision_cpu", lambda: mode == "native")
-    return set_mode
+def force(force_cpu_low_precision):
+    """force("native") / force("fp32"): the CPU's bf16 matmuls run natively, or in fp32, through the
+    PEFTLOOP_CPU_LOW_PRECISION switch the library reads, whatever this host has."""
+    return force_cpu_low_precision
 
 
 def test_matmul_dtype_follows_the_cpu(force):
