@@ -20,11 +20,17 @@ Interpreter rules (``TRITON_INTERPRET=1``, the CPU test mode; see docs/kernels.m
   gives the interpreter a single small config instead.
 - ``tl.extra.libdevice`` does not exist in the interpreter: only ``tl.exp``, ``tl.log``,
   ``tl.sigmoid``, ``tl.rsqrt``... are used.
+
+Every buffer a kernel (or a chunk loop) must write in full is allocated by ``new_output``, not
+``torch.empty``. With ``PEFTLOOP_KERNEL_DEBUG=1`` (the kernel tests set it) it is filled with a
+poison value first, so an element that no program writes fails the comparison with the
+reference instead of passing on whatever the memory held.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import types
 
 import torch
@@ -81,6 +87,40 @@ def cast(x, dtype: tl.constexpr):
         out = rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         out = x.to(dtype)
+    return out
+
+
+DEBUG_ENV = "PEFTLOOP_KERNEL_DEBUG"
+
+
+def debug_buffers() -> bool:
+    """True when ``new_output`` poisons the buffers it returns (``PEFTLOOP_KERNEL_DEBUG=1``,
+    read at every call, so a test can switch it on and off)."""
+    return os.environ.get(DEBUG_ENV, "0") == "1"
+
+
+def poison_value(dtype: torch.dtype) -> float | int | bool:
+    """What an unwritten element of a ``dtype`` buffer holds in debug mode: NaN for floats; for
+    integers the dtype's largest value (255 for the uint8 0/1 dropout masks: not a valid
+    mask byte). A bool buffer has no invalid value (True is used); none is allocated here."""
+    if dtype.is_floating_point or dtype.is_complex:
+        return float("nan")
+    if dtype == torch.bool:
+        return True
+    return torch.iinfo(dtype).max
+
+
+def new_output(shape, dtype: torch.dtype, device, like: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.empty(shape, dtype, device)``, or ``torch.empty_like(like, dtype=dtype)`` (keeping
+    ``like``'s layout, shape and device), for a buffer the caller
+    writes in full: outputs and the intermediates a second kernel reads. Poisoned in debug mode."""
+    if like is None:
+        out = torch.empty(shape, dtype=dtype, device=device)
+    else:
+        out = torch.empty_like(like, dtype=dtype)
+        assert out.shape == torch.Size(shape), f"new_output: {tuple(shape)} is not like's {tuple(out.shape)}"
+    if debug_buffers():
+        out.fill_(poison_value(dtype))
     return out
 
 

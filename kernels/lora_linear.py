@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import autocast_dtype, backend_for, interpreting, matmul_dtype
-from ._triton_utils import autotune, cast, dot, dot_options, tl, triton
+from ._triton_utils import autotune, cast, dot, dot_options, new_output, tl, triton
 
 logger = logging.getLogger(__name__)
 
@@ -249,9 +249,10 @@ def _lora_dx_kernel(
     """dx = dy·W + s·((dy·B)·A) ⊙ mask/(1-p) for one [BLOCK_M, BLOCK_N] tile of dx.
 
     x_ptr is dy ([M, K] with K = out features; named x_ptr so the shared-memory bound and
-    the autotuner read its dtype like the forward's). N = in features. The tiles of the
-    first column also write gb = dy·B (unscaled, [M, R]) for dA. HAS_DX=False (x needs no
-    gradient): only gb, one column of tiles, no dy·W."""
+    the autotuner read its dtype like the forward's). N = in features: the columns of the
+    grid's tiles. The tiles of the first column also write gb = dy·B (unscaled, [M, R]) for
+    dA. HAS_DX=False (x needs no gradient): only gb, no dy·W, on a grid of one column of tiles,
+    so N = 1 (N also tells ``_grouped_tile`` the grid's shape)."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -341,7 +342,7 @@ def lora_dropout_mask(shape, dropout_p: float, seed: int, device) -> torch.Tenso
     Lets the reference and the torch path reproduce a Triton run exactly."""
     shape = tuple(shape)
     rows, cols = (int(torch.tensor(shape[:-1]).prod()) if len(shape) > 1 else 1), shape[-1]
-    mask = torch.empty((rows, cols), dtype=torch.uint8, device=device)
+    mask = new_output((rows, cols), torch.uint8, device)
     if mask.numel():
         _dropout_mask_kernel[(triton.cdiv(rows, 32), triton.cdiv(cols, 32))](
             mask, rows, cols, seed, dropout_p, BLOCK_M=32, BLOCK_K=32)
@@ -359,6 +360,12 @@ def _da_splits(m: int, k: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(m, 128), triton.cdiv(DA_PROGRAMS_PER_SM * sms, triton.cdiv(k, 64))))
 
 
+def _tile_grid(M: int, N: int):
+    """The launch grid of a tiled kernel over [M, N]: one program per tile. The kernel must be
+    given the same M and N, from which ``_grouped_tile`` finds each program's tile."""
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+
 def _mask_args(mask2):
     """(pointer, row stride, col stride) of a stored mask; a dummy when the seed is used."""
     if mask2 is None:
@@ -370,13 +377,12 @@ def _mask_args(mask2):
 def _lora_forward_triton(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, mode, seed, mask2):
     M, K = x2.shape
     N, R = weight.shape[0], lora_A.shape[0]
-    y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    u = torch.empty((M, R), dtype=x2.dtype, device=x2.device)
+    y = new_output((M, N), x2.dtype, x2.device)
+    u = new_output((M, R), x2.dtype, x2.device)
     if M == 0:
         return y, u
     m8, smm, smk = _mask_args(mask2)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _lora_fwd_kernel[grid](
+    _lora_fwd_kernel[_tile_grid(M, N)](
         x2, weight, bias, lora_A, lora_B, m8, y, u, M, N, K, R,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1), smm, smk, y.stride(0), y.stride(1), u.stride(0), u.stride(1),
@@ -393,15 +399,18 @@ def _lora_backward_triton(g, x2, weight, lora_A, lora_B, scaling, dropout_p, mod
     m8, smm, smk = _mask_args(mask2)
     keep_scale = 1.0 / (1.0 - dropout_p)
     opts = dict(BLOCK_R=_rank_block(R), **dot_options(g.device))
-    dx = torch.empty((M, K), dtype=g.dtype, device=g.device) if need_dx else None
-    gb = torch.empty((M, R), dtype=g.dtype, device=g.device)
+    dx = new_output((M, K), g.dtype, g.device) if need_dx else None
+    gb = new_output((M, R), g.dtype, g.device)
     if need_dx or need_dA:
-        # Without dx only gb = dy·B is wanted: one column of tiles computes it.
+        # Without dx only gb = dy·B is wanted: one column of tiles computes it. The kernel's N
+        # is the grid's column count (the in-features, or 1): _grouped_tile maps program ids to
+        # tiles by it, and with any other N some programs land on columns the grid lacks and
+        # rows of gb stay unwritten.
         n_cols = K if need_dx else 1
         dx_strides = dx.stride() if need_dx else (0, 0)
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_cols, meta["BLOCK_N"]),)
+        grid = _tile_grid(M, n_cols)
         _lora_dx_kernel[grid](
-            g, weight, lora_A, lora_B, m8, dx, gb, M, K, N, R,
+            g, weight, lora_A, lora_B, m8, dx, gb, M, n_cols, N, R,
             g.stride(0), g.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), smm, smk, *dx_strides, gb.stride(0), gb.stride(1),
             scaling, dropout_p, keep_scale, seed, HAS_DX=need_dx, DROPOUT=mode, **opts,
@@ -409,7 +418,7 @@ def _lora_backward_triton(g, x2, weight, lora_A, lora_B, scaling, dropout_p, mod
     dA = None
     if need_dA:
         splits = _da_splits(M, K, g.device)
-        partial = torch.empty((splits, R, K), dtype=torch.float32, device=g.device)
+        partial = new_output((splits, R, K), torch.float32, g.device)
         rows_per_split = triton.cdiv(M, splits)
         grid = lambda meta: (triton.cdiv(K, meta["BLOCK_N"]), splits)
         _lora_da_kernel[grid](
