@@ -15,7 +15,7 @@ Semantics (the reference, exactly): logits in the input dtype, softmax in fp32,
 label_smoothing=ε, reduction=...)``. Shapes: hidden ``[N, H]``, weight ``[V, H]``, bias
 ``[V]``, labels ``[N]`` (already shifted by the caller). "sum" returns the summed token
 losses over non-ignored tokens, "mean" divides by their number (NaN when every label is
-ignored, as torch does).
+ignored, with zero gradients, as torch does).
 
 Implementations (see ``_dispatch``):
 - ``linear_cross_entropy_reference``: the line above; materialises every logit.
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import autocast_dtype, backend_for, interpreting, matmul_dtype
-from ._triton_utils import cast, tl, triton
+from ._triton_utils import cast, new_output, tl, triton
 
 # Vocabulary columns per step of the CE kernel's loops. 4096 fp32 per program is Liger's
 # order (MAX_FUSED_SIZE 65536 // 2 bf16 elements caps it); 32 under the interpreter, so
@@ -109,7 +109,7 @@ def _ce_chunk_kernel(logits_ptr, labels_ptr, loss_ptr, stride_logits, vocab, ign
 
 def _ce_chunk_triton(logits, labels, ignore_index, label_smoothing, write_grad):
     rows, vocab = logits.shape
-    loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    loss = new_output(rows, torch.float32, logits.device)
     block_v = BLOCK_V_INTERPRETER if interpreting() else min(BLOCK_V_GPU, triton.next_power_of_2(vocab))
     _ce_chunk_kernel[(rows,)](
         logits, labels, loss, logits.stride(0), vocab, ignore_index, label_smoothing,
@@ -158,13 +158,13 @@ def _fused_linear_ce(hidden, weight, bias, labels, ignore_index, label_smoothing
     vocab = weight.shape[0]
     write_grad = need_dh or need_dw or need_db
     rows = chunk_rows(n_tokens, vocab, hidden_size, 1 if ce_chunk is _ce_chunk_triton else CPU_CHUNK_FACTOR)
-    loss_rows = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
-    dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_dh else None
+    loss_rows = new_output(n_tokens, torch.float32, hidden.device)
+    dh = new_output(hidden.shape, hidden.dtype, hidden.device) if need_dh else None
     # fp32 accumulators for the sums over chunks; one rounding to the parameter dtype at the end.
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
     db = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_db else None
     dw_chunk = None
-    logits_buffer = torch.empty((min(rows, n_tokens), vocab), dtype=hidden.dtype, device=hidden.device)
+    logits_buffer = new_output((min(rows, n_tokens), vocab), hidden.dtype, hidden.device)
     # The matmuls run in `compute`: the input dtype, or fp32 for bf16 on a CPU without bf16
     # hardware (_dispatch.matmul_dtype; one fp32 copy of the head for the whole loop). The
     # logits and dh are rounded to the input dtype where they are written, as a native GEMM would.
@@ -195,7 +195,7 @@ def _fused_linear_ce(hidden, weight, bias, labels, ignore_index, label_smoothing
                 dw.addmm_(grad_logits.t(), h)
             else:  # one chunk's product in the input dtype, summed in fp32 (no running-sum rounding)
                 if dw_chunk is None:
-                    dw_chunk = torch.empty(weight.shape, dtype=hidden.dtype, device=hidden.device)
+                    dw_chunk = new_output(weight.shape, hidden.dtype, hidden.device)
                 torch.mm(grad_logits.t(), h, out=dw_chunk)
                 dw += dw_chunk
         if need_db:
@@ -230,8 +230,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                                             need_dh, need_dw, need_db, ce_chunk)
         if reduction == "mean":
             count = (labels != ignore_index).sum()
-            loss = loss / count
-            dh, dw, db = (None if g is None else g.div_(count) for g in (dh, dw, db))
+            loss = loss / count  # NaN (0/0) when every label is ignored, as torch's
+            # ...but the gradients are then 0 (no row contributes), as torch's, not 0/0.
+            dh, dw, db = (None if g is None else g.div_(count.clamp(min=1)) for g in (dh, dw, db))
         ctx.backward_done = False
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -265,7 +266,8 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"linear_cross_entropy: reduction={reduction!r}; expected 'sum' or 'mean'")
-    if hidden.dim() != 2 or weight.dim() != 2 or labels.shape != hidden.shape[:1] or weight.shape[1] != hidden.shape[1]:
+    if hidden.dim() != 2 or weight.dim() != 2 or labels.shape != hidden.shape[:1] \
+            or weight.shape[1] != hidden.shape[1]:
         raise ValueError(
             f"linear_cross_entropy: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, labels "
             f"{tuple(labels.shape)}: expected hidden [N, H], weight [V, H], labels [N]"
@@ -283,12 +285,14 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
     if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
         raise ValueError(
             f"linear_cross_entropy: hidden {hidden.dtype}, weight {weight.dtype}"
-            + ("" if bias is None else f", bias {bias.dtype}") + " must share one dtype (or run under autocast)"
+            + ("" if bias is None else f", bias {bias.dtype}")
+            + " must share one dtype (or run under autocast)"
         )
     if labels.device.type == "cpu":  # free to check on the CPU; on a GPU it would cost a sync
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
         if bad.any():
-            raise ValueError(f"linear_cross_entropy: label {labels[bad][0].item()} outside [0, {weight.shape[0]})")
+            raise ValueError(
+                f"linear_cross_entropy: label {labels[bad][0].item()} outside [0, {weight.shape[0]})")
     grad = torch.is_grad_enabled()
     needs = (grad and hidden.requires_grad, grad and weight.requires_grad,
              grad and bias is not None and bias.requires_grad)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import autocast_dtype, backend_for, interpreting, matmul_dtype
-from ._triton_utils import cast, tl, triton
+from ._triton_utils import cast, new_output, tl, triton
 
 # The 16 NF4 values: quantiles of N(0, 1) (8 negative, 0, 7 positive, plus ±1 at the ends),
 # normalised to [-1, 1]. bitsandbytes functional.get_4bit_type("nf4"), from
@@ -164,7 +164,7 @@ def nf4_dequantize_torch(state: NF4State, dtype: torch.dtype) -> torch.Tensor:
     absmax = absmax_reference(state)
     values = _byte_table(state.packed.device).index_select(0, state.packed.int()).view(-1)
     full = n // bs * bs
-    out = torch.empty(n, dtype=dtype, device=state.packed.device)
+    out = new_output(n, dtype, state.packed.device)
     head = out[:full].view(-1, bs)
     if dtype == torch.float32:
         torch.mul(values[:full].view(-1, bs), absmax[: full // bs, None], out=head)
@@ -211,7 +211,7 @@ def _nf4_dequant_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_offset
 def nf4_dequantize_triton(state: NF4State, dtype: torch.dtype) -> torch.Tensor:
     device = state.packed.device
     n = state.numel
-    out = torch.empty(state.shape, dtype=dtype, device=device)
+    out = new_output(state.shape, dtype, device)
     if n == 0:
         return out
     block = BLOCK_INTERPRETER if interpreting() else BLOCK_GPU

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import backend_for, interpreting
-from ._triton_utils import cast, tl, triton
+from ._triton_utils import cast, new_output, tl, triton
 
 # Rows per backward program are chosen so that there are about this many programs per SM:
 # enough to fill the GPU, few enough that the [programs, H] fp32 partial-dW buffer stays
@@ -108,9 +108,9 @@ def rms_norm_forward_triton(x: torch.Tensor, weight: torch.Tensor, eps: float):
     n_rows, n_cols = x2.shape
     if n_cols > MAX_HIDDEN:
         raise ValueError(f"rms_norm: hidden size {n_cols} > {MAX_HIDDEN}, the most one Triton block holds")
-    y = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    y = new_output(x.shape, torch.promote_types(weight.dtype, x.dtype), x.device)
     y2 = y.view(-1, n_cols)
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    rstd = new_output(n_rows, torch.float32, x.device)
     if n_rows:
         block_h = triton.next_power_of_2(n_cols)
         _rms_norm_fwd_kernel[(n_rows,)](
@@ -130,12 +130,15 @@ def _bwd_programs(n_rows: int, device: torch.device) -> int:
 def rms_norm_backward_triton(dy, x, weight, rstd, need_dw: bool):
     x2, dy2 = _rows(x), _rows(dy)
     n_rows, n_cols = x2.shape
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dx = new_output(x.shape, x.dtype, x.device)
     dx2 = dx.view(-1, n_cols)
     programs = _bwd_programs(n_rows, x.device)
     rows_per_program = triton.cdiv(n_rows, programs)
     programs = triton.cdiv(n_rows, rows_per_program) if n_rows else 1
-    dw_partial = torch.zeros((programs, n_cols) if need_dw else (1,), dtype=torch.float32, device=x.device)
+    if need_dw and n_rows:  # every program writes its row of partial sums
+        dw_partial = new_output((programs, n_cols), torch.float32, x.device)
+    else:  # no launch (dW of no rows is 0), or no dW: a placeholder the kernel never touches
+        dw_partial = torch.zeros((1, n_cols) if need_dw else (1,), dtype=torch.float32, device=x.device)
     if n_rows:
         block_h = triton.next_power_of_2(n_cols)
         _rms_norm_bwd_kernel[(programs,)](
@@ -202,12 +205,12 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        need_dw = ctx.needs_input_grad[1]
-        if ctx.impl == "triton":
+        need_dx, need_dw, _, _ = ctx.needs_input_grad
+        if ctx.impl == "triton":  # one kernel computes dx and the partial dW sums together
             dx, dw = rms_norm_backward_triton(dy, x, weight, rstd, need_dw)
         else:
             dx, dw = rms_norm_backward_torch(dy, x, weight, rstd.reshape(x.shape[:-1]), need_dw)
-        return dx, dw, None, None
+        return dx if need_dx else None, dw, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

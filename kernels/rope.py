@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import backend_for, interpreting
-from ._triton_utils import cast, tl, triton
+from ._triton_utils import cast, new_output, tl, triton
 
 # Heads per step of a program's loop. All heads of a position at once on a GPU (Llama-8B:
 # 32 q heads x 64 half-dims = 2048 elements per operand, comfortably in registers); 2 under
@@ -90,13 +90,16 @@ def _rope_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, seq_len, n_heads, half,
 
 def _rope_triton(x, cos, sin, out_dtype, backward: bool) -> torch.Tensor:
     batch, n_heads, seq_len, head_dim = x.shape
-    out = torch.empty_like(x, dtype=out_dtype)  # keeps x's layout (e.g. a transposed view)
+    out = new_output(x.shape, out_dtype, x.device, like=x)  # keeps x's layout (e.g. a transposed view)
     if x.numel() == 0:
         return out
     cos = cos.expand(batch, seq_len, head_dim)
     sin = sin.expand(batch, seq_len, head_dim)
     half = head_dim // 2
-    block_heads = BLOCK_HEADS_INTERPRETER if interpreting() else min(BLOCK_HEADS_GPU, triton.next_power_of_2(n_heads))
+    if interpreting():
+        block_heads = BLOCK_HEADS_INTERPRETER
+    else:
+        block_heads = min(BLOCK_HEADS_GPU, triton.next_power_of_2(n_heads))
     _rope_kernel[(batch * seq_len,)](
         x, out, cos, sin, seq_len, n_heads, half, *x.stride(), *out.stride(), *cos.stride(), *sin.stride(),
         BACKWARD=backward, BLOCK_HEADS=block_heads, BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
@@ -150,9 +153,10 @@ class RoPEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq_rot, dk_rot):
         cos, sin = ctx.saved_tensors
+        need_dq, need_dk, _, _, _ = ctx.needs_input_grad
         grads = []
-        for g, dtype in zip((dq_rot, dk_rot), ctx.dtypes):
-            if g is None:
+        for g, dtype, need in zip((dq_rot, dk_rot), ctx.dtypes, (need_dq, need_dk)):
+            if g is None or not need:
                 grads.append(None)
             elif ctx.impl == "triton":
                 grads.append(_rope_triton(g, cos, sin, dtype, True))
@@ -167,10 +171,12 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
         raise ValueError(f"apply_rope: q {tuple(q.shape)} and k {tuple(k.shape)} must be [B, heads, T, D]")
     cos, sin = _as_btd(cos, q), _as_btd(sin, q)
     batch, _, seq_len, head_dim = q.shape
-    if head_dim % 2 or k.shape[-1] != head_dim or cos.shape != sin.shape or cos.shape[1:] != (seq_len, head_dim) \
-            or cos.shape[0] not in (1, batch) or k.shape[0] != batch or k.shape[2] != seq_len:
+    if head_dim % 2 or k.shape[-1] != head_dim or cos.shape != sin.shape \
+            or cos.shape[1:] != (seq_len, head_dim) or cos.shape[0] not in (1, batch) \
+            or k.shape[0] != batch or k.shape[2] != seq_len:
         raise ValueError(
-            f"apply_rope: q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}:"
+            f"apply_rope: q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}, "
+            f"sin {tuple(sin.shape)}:"
             " expected q [B, H, T, D], k [B, H_kv, T, D], cos/sin [B or 1, T, D] with D even"
         )
     impl = backend_for(q)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import backend_for, interpreting
-from ._triton_utils import cast, tl, triton
+from ._triton_utils import cast, new_output, tl, triton
 
 # Columns per program. 1024 is the block Liger and Unsloth settled on for this memory-bound
 # op (4 warps x 32 lanes x 8 elements). Under the interpreter, 32 makes the small test
@@ -78,7 +78,7 @@ def _block() -> int:
 
 def swiglu_forward_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     g2, u2 = _rows(gate), _rows(up)
-    out = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
+    out = new_output(gate.shape, torch.promote_types(gate.dtype, up.dtype), gate.device)
     o2 = out.view(-1, out.shape[-1])
     n_rows, n_cols = g2.shape
     if out.numel():
@@ -91,8 +91,8 @@ def swiglu_forward_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def swiglu_backward_triton(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
     d2, g2, u2 = _rows(grad), _rows(gate), _rows(up)
-    dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+    dgate = new_output(gate.shape, gate.dtype, gate.device)
+    dup = new_output(up.shape, up.dtype, up.device)
     dg2, du2 = dgate.view(-1, gate.shape[-1]), dup.view(-1, up.shape[-1])
     n_rows, n_cols = g2.shape
     if gate.numel():
@@ -145,11 +145,12 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        if ctx.impl == "triton":
+        need_dgate, need_dup, _ = ctx.needs_input_grad
+        if ctx.impl == "triton":  # one kernel writes both
             dgate, dup = swiglu_backward_triton(grad, gate, up)
         else:
             dgate, dup = swiglu_backward_torch(grad, gate, up)
-        return dgate, dup, None
+        return dgate if need_dgate else None, dup if need_dup else None, None
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
