@@ -46,7 +46,8 @@ linear_cross_entropy, lora_linear, nf4, rms_norm, rope, swiglu = (
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # The Llama-8B-like layer the launch arguments describe.
-TOKENS, HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM, VOCAB, RANK = 4096, 4096, 14336, 32, 8, 128, 128256, 16
+TOKENS, HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 4096, 4096, 14336, 32, 8, 128
+VOCAB, RANK = 128256, 16
 
 
 @dataclass
@@ -72,8 +73,8 @@ def launches(dtype: torch.dtype) -> list[Launch]:
     # swiglu: [tokens, intermediate]
     cols = INTERMEDIATE
     es.append(Launch("swiglu._swiglu_fwd_kernel", swiglu._swiglu_fwd_kernel,
-                     dict(gate_ptr=_t(dtype), up_ptr=_t(dtype), out_ptr=_t(dtype), n_cols=cols, stride_gate=cols,
-                          stride_up=cols, stride_out=cols),
+                     dict(gate_ptr=_t(dtype), up_ptr=_t(dtype), out_ptr=_t(dtype), n_cols=cols,
+                          stride_gate=cols, stride_up=cols, stride_out=cols),
                      dict(BLOCK=swiglu.BLOCK_GPU), [{"num_warps": swiglu.NUM_WARPS, "num_stages": 3}]))
     es.append(Launch("swiglu._swiglu_bwd_kernel", swiglu._swiglu_bwd_kernel,
                      dict(grad_ptr=_t(dtype), gate_ptr=_t(dtype), up_ptr=_t(dtype), dgate_ptr=_t(dtype),
@@ -88,8 +89,9 @@ def launches(dtype: torch.dtype) -> list[Launch]:
                           stride_x=HIDDEN, stride_y=HIDDEN, eps=1e-5),
                      dict(BLOCK_H=block_h), [{"num_warps": warps, "num_stages": 3}]))
     es.append(Launch("rms_norm._rms_norm_bwd_kernel", rms_norm._rms_norm_bwd_kernel,
-                     dict(dy_ptr=_t(dtype), x_ptr=_t(dtype), w_ptr=_t(dtype), rstd_ptr=_t(f32), dx_ptr=_t(dtype),
-                          dw_partial_ptr=_t(f32), n_rows=TOKENS, n_cols=HIDDEN, rows_per_program=13,
+                     dict(dy_ptr=_t(dtype), x_ptr=_t(dtype), w_ptr=_t(dtype), rstd_ptr=_t(f32),
+                          dx_ptr=_t(dtype), dw_partial_ptr=_t(f32), n_rows=TOKENS, n_cols=HIDDEN,
+                          rows_per_program=13,
                           stride_dy=HIDDEN, stride_x=HIDDEN, stride_dx=HIDDEN),
                      dict(BLOCK_H=block_h, HAS_DW=True), [{"num_warps": warps, "num_stages": 3}]))
     # rope: q viewed [B, H, T, D] from a contiguous [B, T, H, D]; cos/sin [B, T, D]
@@ -104,8 +106,8 @@ def launches(dtype: torch.dtype) -> list[Launch]:
                          dict(BACKWARD=backward, BLOCK_HEADS=rope.BLOCK_HEADS_GPU, BLOCK_HALF=HEAD_DIM // 2)))
     # fused linear cross-entropy: one chunk of logits [rows, vocab]
     es.append(Launch("linear_cross_entropy._ce_chunk_kernel", linear_cross_entropy._ce_chunk_kernel,
-                     dict(logits_ptr=_t(dtype), labels_ptr=_t(torch.int64), loss_ptr=_t(f32), stride_logits=VOCAB,
-                          vocab=VOCAB, ignore_index=-100, label_smoothing=0.1),
+                     dict(logits_ptr=_t(dtype), labels_ptr=_t(torch.int64), loss_ptr=_t(f32),
+                          stride_logits=VOCAB, vocab=VOCAB, ignore_index=-100, label_smoothing=0.1),
                      dict(WRITE_GRAD=True, BLOCK_V=linear_cross_entropy.BLOCK_V_GPU),
                      [{"num_warps": 8, "num_stages": 3}]))
     # LoRA: gate_proj of the layer, x [tokens, hidden], W [intermediate, hidden]
@@ -114,31 +116,35 @@ def launches(dtype: torch.dtype) -> list[Launch]:
     common = dict(BLOCK_R=block_r, PRECISION="ieee")
     # The quick selection keeps the stored-mask variant (the most shared memory: it adds a
     # byte tile) in both dtypes and the seed variant (philox in the loop) in bf16.
-    for mode, name, quick in ((1, "seed", dtype != torch.float32), (2, "mask", True), (0, "no dropout", False)):
+    variants = ((1, "seed", dtype != torch.float32), (2, "mask", True), (0, "no dropout", False))
+    for mode, name, quick in variants:
         mask = _t(torch.uint8) if mode == 2 else None
         smm, smk = (K, 1) if mode == 2 else (0, 0)
         es.append(Launch(f"lora_linear._lora_fwd_kernel[{name}]", lora_linear._lora_fwd_kernel,
-                         dict(x_ptr=_t(dtype), w_ptr=_t(dtype), bias_ptr=_t(dtype), a_ptr=_t(dtype), b_ptr=_t(dtype),
-                              mask_ptr=mask, y_ptr=_t(dtype), u_ptr=_t(dtype), M=M, N=N, K=K, R=R,
+                         dict(x_ptr=_t(dtype), w_ptr=_t(dtype), bias_ptr=_t(dtype), a_ptr=_t(dtype),
+                              b_ptr=_t(dtype), mask_ptr=mask, y_ptr=_t(dtype), u_ptr=_t(dtype),
+                              M=M, N=N, K=K, R=R,
                               stride_xm=K, stride_xk=1, stride_wn=K, stride_wk=1, stride_ar=K, stride_ak=1,
-                              stride_bn=R, stride_br=1, stride_mm=smm, stride_mk=smk, stride_ym=N, stride_yn=1,
-                              stride_um=R, stride_ur=1, scaling=2.0, dropout_p=0.1, keep_scale=1 / 0.9, seed=12345),
-                         dict(HAS_BIAS=True, DROPOUT=mode, **common), shared_bytes=lora_linear._mm_shared_bytes,
-                         quick=quick))
+                              stride_bn=R, stride_br=1, stride_mm=smm, stride_mk=smk, stride_ym=N,
+                              stride_yn=1, stride_um=R, stride_ur=1, scaling=2.0, dropout_p=0.1,
+                              keep_scale=1 / 0.9, seed=12345),
+                         dict(HAS_BIAS=True, DROPOUT=mode, **common),
+                         shared_bytes=lora_linear._mm_shared_bytes, quick=quick))
         es.append(Launch(f"lora_linear._lora_dx_kernel[{name}]", lora_linear._lora_dx_kernel,
-                         dict(x_ptr=_t(dtype), w_ptr=_t(dtype), a_ptr=_t(dtype), b_ptr=_t(dtype), mask_ptr=mask,
-                              dx_ptr=_t(dtype), gb_ptr=_t(dtype), M=M, N=K, K=N, R=R,
+                         dict(x_ptr=_t(dtype), w_ptr=_t(dtype), a_ptr=_t(dtype), b_ptr=_t(dtype),
+                              mask_ptr=mask, dx_ptr=_t(dtype), gb_ptr=_t(dtype), M=M, N=K, K=N, R=R,
                               stride_gm=N, stride_gk=1, stride_wk=K, stride_wn=1, stride_ar=K, stride_an=1,
-                              stride_bk=R, stride_br=1, stride_mm=smm, stride_mn=smk, stride_dm=K, stride_dn=1,
-                              stride_gbm=R, stride_gbr=1, scaling=2.0, dropout_p=0.1, keep_scale=1 / 0.9,
-                              seed=12345),
-                         dict(HAS_DX=True, DROPOUT=mode, **common), shared_bytes=lora_linear._mm_shared_bytes,
-                         quick=quick))
+                              stride_bk=R, stride_br=1, stride_mm=smm, stride_mn=smk, stride_dm=K,
+                              stride_dn=1, stride_gbm=R, stride_gbr=1, scaling=2.0, dropout_p=0.1,
+                              keep_scale=1 / 0.9, seed=12345),
+                         dict(HAS_DX=True, DROPOUT=mode, **common),
+                         shared_bytes=lora_linear._mm_shared_bytes, quick=quick))
         es.append(Launch(f"lora_linear._lora_da_kernel[{name}]", lora_linear._lora_da_kernel,
                          dict(gb_ptr=_t(dtype), x_ptr=_t(dtype), mask_ptr=mask, da_ptr=_t(f32), M=M, K=K, R=R,
                               rows_per_split=512, stride_gbm=R, stride_gbr=1, stride_xm=K, stride_xk=1,
                               stride_mm=smm, stride_mk=smk, dropout_p=0.1, keep_scale=1 / 0.9, seed=12345),
-                         dict(DROPOUT=mode, **common), shared_bytes=lora_linear._da_shared_bytes, quick=quick))
+                         dict(DROPOUT=mode, **common), shared_bytes=lora_linear._da_shared_bytes,
+                         quick=quick))
     es.append(Launch("lora_linear._dropout_mask_kernel", lora_linear._dropout_mask_kernel,
                      dict(mask_ptr=_t(torch.uint8), M=M, K=K, seed=12345, dropout_p=0.1),
                      dict(BLOCK_M=32, BLOCK_K=32)))
@@ -150,7 +156,8 @@ def launches(dtype: torch.dtype) -> list[Launch]:
                          dict(packed_ptr=_t(torch.uint8), absmax_ptr=_t(torch.uint8 if nested else f32),
                               nested_absmax_ptr=_t(f32), nested_offset_ptr=_t(f32), code_ptr=_t(f32),
                               nested_code_ptr=_t(f32), out_ptr=_t(dtype), n_elements=N * K),
-                         dict(BLOCKSIZE=64, NESTED=nested, NESTED_BLOCKSIZE=nf4.NESTED_BLOCKSIZE, BLOCK=nf4.BLOCK_GPU),
+                         dict(BLOCKSIZE=64, NESTED=nested, NESTED_BLOCKSIZE=nf4.NESTED_BLOCKSIZE,
+                              BLOCK=nf4.BLOCK_GPU),
                          [{"num_warps": nf4.NUM_WARPS, "num_stages": 3, "enable_fp_fusion": False}]))
     return es
 
@@ -217,16 +224,16 @@ def compile_all(targets=(80, 90), dtypes=("bf16", "fp32"), quick=True, log=None)
                                                                {**launch.constexprs, **config_kwargs})
                         start = time.perf_counter()
                         try:
-                            compiled = triton.compile(ASTSource(jit_fn, signature, constexprs=consts, attrs=attrs),
-                                                      target=GPUTarget("cuda", cc, 32), options=opts)
+                            source = ASTSource(jit_fn, signature, constexprs=consts, attrs=attrs)
+                            compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32), options=opts)
                         except Exception as error:  # noqa: BLE001 (any compile error is reported; the test fails on it)
                             record.update(ok=False, error=f"{type(error).__name__}: {error}"[:2000])
                         else:
                             shared = compiled.metadata.shared
                             ptx = compiled.asm["ptx"]
+                            mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else None
                             record.update(ok=True, shared=shared, fits=shared <= limit,
-                                          bound_holds=bound is None or shared <= bound,
-                                          mma="wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else None)
+                                          bound_holds=bound is None or shared <= bound, mma=mma)
                         record["compile_s"] = round(time.perf_counter() - start, 3)
                     records.append(record)
                     if log is not None:
@@ -237,7 +244,8 @@ def compile_all(targets=(80, 90), dtypes=("bf16", "fp32"), quick=True, log=None)
 def _line(r: dict) -> str:
     cfg = ",".join(f"{k}={v}" for k, v in r["config"].items())
     if not r["kept"]:
-        why = f"bound {r['bound']} > {r['limit']}" if r["bound"] > r["limit"] else "not in the quick selection"
+        over = r["bound"] > r["limit"]
+        why = f"bound {r['bound']} > {r['limit']}" if over else "not in the quick selection"
         return f"{r['kernel']:45s} {r['dtype']:4s} {r['target']:5s} skipped ({why}) [{cfg}]"
     if not r["ok"]:
         return f"{r['kernel']:45s} {r['dtype']:4s} {r['target']:5s} FAILED {r['error'][:200]}"

@@ -112,7 +112,8 @@ def native_low_precision_cpu() -> bool:
         raise ValueError(f"PEFTLOOP_CPU_LOW_PRECISION={forced!r}: expected auto, native or fp32")
     if forced != "auto":
         return forced == "native"
-    checks = [getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None)]
+    checks = [getattr(torch.cpu, "_is_avx512_bf16_supported", None),
+              getattr(torch.cpu, "_is_amx_tile_supported", None)]
     return any(check() for check in checks if check is not None)
 
 
