@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+
 from peftloop.kernels import triton_available
 from peftloop.kernels._triton_utils import SHARED_MEMORY_LIMIT
 

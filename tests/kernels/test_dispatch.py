@@ -6,10 +6,11 @@ import subprocess
 import sys
 import textwrap
 
-import peftloop.kernels as K
 import pytest
 import torch
 from kernel_utils import randn
+
+import peftloop.kernels as K
 from peftloop.kernels import backend, backend_for, get_backend, set_backend
 
 

@@ -1,12 +1,29 @@
 """linear_cross_entropy: loss and the gradients of hidden, weight and bias against the
 materialised reference ``F.cross_entropy(F.linear(h, W, b).float(), y)``."""
 
+from typing import NamedTuple
+
 import pytest
 import torch
-from kernel_utils import DEVICE, DTYPES, IMPLS, assert_grads_close, fp32_copy, grads, randn, run
+from hypothesis import example, given
+from hypothesis import strategies as st
+from kernel_utils import (
+    DEVICE,
+    DTYPES,
+    IMPLS,
+    assert_grads_close,
+    check_op,
+    fp32_copy,
+    grad_combinations,
+    grads,
+    property_settings,
+    randn,
+    run,
+)
+from tolerances import assert_close
+
 from peftloop.kernels import linear_cross_entropy
 from peftloop.kernels.linear_cross_entropy import CPU_CHUNK_FACTOR, chunk_rows, linear_cross_entropy_reference
-from tolerances import assert_close
 
 N, H, V = 13, 24, 77  # 4-row chunks (the last one short); 3 vocabulary blocks in the interpreter
 
@@ -155,3 +172,70 @@ def test_lce_rejects_bad_inputs():
         linear_cross_entropy(h, w, torch.tensor([0, 5, -100]))
     with pytest.raises(ValueError, match="reduction"):
         linear_cross_entropy(h, w, torch.zeros(3, dtype=torch.long), reduction="none")
+
+
+# ---------------------------------------------------------------------------------------
+# Property test: drawn sizes, ignored rows placed against the chunk boundaries, smoothing,
+# both reductions, and every combination of which of hidden, weight and bias need a gradient.
+# ---------------------------------------------------------------------------------------
+
+
+class CECase(NamedTuple):
+    n: int
+    hidden: int
+    vocab: int
+    ignored: str  # "none", "some", "all", "first_chunk" (a whole chunk), "boundary" (both sides of one)
+    ignore_index: int  # -100, or 0: a real class that marks ignored rows
+    smoothing: float
+    reduction: str
+    bias: bool
+    needs: tuple  # requires_grad of (hidden, weight, bias); weight False: a frozen head
+    dtype: torch.dtype
+
+
+@st.composite
+def ce_cases(draw):
+    return CECase(draw(st.integers(1, 40)), draw(st.integers(1, 24)), draw(st.integers(2, 100)),
+                  draw(st.sampled_from(["none", "some", "all", "first_chunk", "boundary"])),
+                  draw(st.sampled_from([-100, 0])), draw(st.sampled_from([0.0, 0.1, 1.0])),
+                  draw(st.sampled_from(["sum", "mean"])), draw(st.booleans()),
+                  draw(st.sampled_from(grad_combinations(3))), draw(st.sampled_from(DTYPES)))
+
+
+def _case_labels(case, chunk):
+    g = torch.Generator().manual_seed(case.n * 1000 + case.vocab)
+    labels = torch.randint(0, case.vocab, (case.n,), generator=g)
+    rows = torch.arange(case.n)
+    ignored = {"none": rows < 0, "some": torch.rand(case.n, generator=g) < 0.3, "all": rows >= 0,
+               "first_chunk": rows < chunk, "boundary": (rows == chunk - 1) | (rows == chunk)}[case.ignored]
+    return labels.masked_fill(ignored, case.ignore_index).to(DEVICE)
+
+
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@property_settings(max_examples=10)
+@given(case=ce_cases())
+@example(case=CECase(13, 24, 77, "boundary", -100, 0.1, "mean", True, (True, True, True), F32))
+@example(case=CECase(13, 24, 77, "first_chunk", -100, 0.0, "sum", False, (True, False, False), BF16))
+@example(case=CECase(5, 7, 11, "all", -100, 0.1, "sum", True, (True, True, False), F32))  # every row ignored
+# one row, label smoothing 1 (the uniform target)
+@example(case=CECase(1, 3, 2, "none", -100, 1.0, "mean", False, (False, True, False), F32))
+@example(case=CECase(40, 8, 101, "some", 0, 0.1, "sum", True, (False, False, True), BF16))  # only the bias
+@example(case=CECase(9, 5, 33, "some", -100, 0.0, "mean", True, (False, False, False), F32))  # no grad at all
+def test_lce_property(impl, case):
+    dtype = case.dtype
+    hidden = randn(case.n, case.hidden, dtype=dtype, seed=case.n, requires_grad=case.needs[0])
+    weight = randn(case.vocab, case.hidden, dtype=dtype, scale=case.hidden**-0.5 * 3, seed=case.vocab,
+                   requires_grad=case.needs[1])
+    bias = randn(case.vocab, dtype=dtype, seed=7, requires_grad=case.needs[2]) if case.bias else None
+    chunk = chunk_rows(case.n, case.vocab, case.hidden, 1 if impl == "triton" else CPU_CHUNK_FACTOR)
+    labels = _case_labels(case, chunk)
+    kw = dict(ignore_index=case.ignore_index, label_smoothing=case.smoothing, reduction=case.reduction)
+    loss = run(impl, linear_cross_entropy, hidden, weight, labels, bias=bias, **kw)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    h32, w32, b32 = fp32_copy(hidden), fp32_copy(weight), fp32_copy(bias)
+    ref = linear_cross_entropy_reference(h32, w32, labels, bias=b32, **kw)
+    check_op(loss * 3.0, ref * 3.0, [hidden, weight, bias], [h32, w32, b32], dtype,
+             ["hidden", "weight", "bias"], "linear_cross_entropy")

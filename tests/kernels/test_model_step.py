@@ -23,7 +23,8 @@ def _model():
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2)
     model = LlamaForCausalLM(config)
-    inject_lora(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", modules_to_save=["lm_head"]))
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", modules_to_save=["lm_head"])
+    inject_lora(model, config)
     with torch.no_grad():  # B starts at zero; make the adapters non-trivial so dA is non-zero
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -43,7 +44,8 @@ def _batch():
 def _step(impl, autocast_dtype=None):
     model = _model()
     input_ids, labels = _batch()
-    with torch.autocast(DEVICE.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+    enabled = autocast_dtype is not None
+    with torch.autocast(DEVICE.type, dtype=autocast_dtype or torch.float32, enabled=enabled):
         loss = run(impl, model, input_ids, labels=labels)
         grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
     names = [n for n, p in model.named_parameters() if p.requires_grad]

@@ -1,13 +1,32 @@
 """nf4_dequantize and nf4_lora_linear (the QLoRA layer) against their references, every implementation."""
 
+from typing import NamedTuple
+
+import numpy as np
 import pytest
 import torch
-from kernel_utils import DEVICE, DTYPES, IMPLS, TRITON_RUNS, assert_grads_close, fp32_copy, grads, randn, run
-from peftloop.kernels import lora_dropout_mask, nf4_dequantize, nf4_lora_linear
-from peftloop.kernels import nf4 as nf4_module
-from peftloop.kernels.nf4 import NF4State, nf4_dequantize_reference, nf4_lora_linear_reference
+from hypothesis import example, given
+from hypothesis import strategies as st
+from kernel_utils import (
+    DEVICE,
+    DTYPES,
+    IMPLS,
+    TRITON_RUNS,
+    assert_grads_close,
+    check_op,
+    fp32_copy,
+    grad_combinations,
+    grads,
+    property_settings,
+    randn,
+    run,
+)
 from tolerances import assert_close
 
+from peftloop.kernels import lora_dropout_mask, nf4_dequantize, nf4_lora_linear
+from peftloop.kernels import nf4 as nf4_module
+from peftloop.kernels.lora_linear import dropout_mask_like
+from peftloop.kernels.nf4 import NF4State, nf4_dequantize_reference, nf4_lora_linear_reference
 from peftloop.nf4 import quantize_nf4
 
 # ((out, in), blocksize): an odd element count (the last byte half used), a ragged last block,
@@ -116,7 +135,8 @@ def test_autocast_computes_in_the_autocast_dtype(impl):
     xb, Ab, Bb = (t.detach().bfloat16().float().requires_grad_() for t in (x, A, B))
     ref = nf4_lora_linear_reference(xb, state, b.bfloat16().float(), Ab, Bb, 2.0)
     assert_close(y, ref, torch.bfloat16, "autocast")
-    assert_grads_close(got, grads(ref, [xb, Ab, Bb], torch.bfloat16), torch.bfloat16, ["x", "lora_A", "lora_B"])
+    expected = grads(ref, [xb, Ab, Bb], torch.bfloat16)
+    assert_grads_close(got, expected, torch.bfloat16, ["x", "lora_A", "lora_B"])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -159,3 +179,83 @@ def test_input_errors_name_the_problem():
         nf4_lora_linear(x, state, b, A, None)
     with pytest.raises(ValueError, match="frozen"):
         nf4_lora_linear(x, state, b.requires_grad_())
+
+
+# ---------------------------------------------------------------------------------------
+# Property tests: drawn shapes, block sizes, ranks and every combination of gradients.
+# ---------------------------------------------------------------------------------------
+
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@property_settings(max_examples=12)
+@given(out_f=st.integers(1, 60), in_f=st.integers(1, 90), blocksize=st.sampled_from([32, 64, 128]),
+       double_quant=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+@example(out_f=1, in_f=1, blocksize=64, double_quant=True, dtype=F32)  # one element, half a byte
+@example(out_f=90, in_f=97, blocksize=32, double_quant=True, dtype=BF16)  # 273 blocks: a ragged nested block
+@example(out_f=16, in_f=16, blocksize=32, double_quant=False, dtype=torch.float16)  # exactly 2 programs
+def test_dequantize_property(impl, out_f, in_f, blocksize, double_quant, dtype):
+    state = _state((out_f, in_f), blocksize, double_quant, seed=out_f * 100 + in_f)
+    got = run(impl, nf4_dequantize, state, dtype)
+    assert got.dtype == dtype and got.shape == (out_f, in_f)
+    assert torch.equal(got, nf4_dequantize_reference(state, dtype))
+
+
+class QLoRACase(NamedTuple):
+    lead: tuple  # x's leading dims
+    in_f: int
+    out_f: int
+    blocksize: int
+    rank: int | None  # None: the plain 4-bit layer, no LoRA
+    bias: bool
+    needs: tuple  # requires_grad of (x, lora_A, lora_B); A and B ignored without LoRA
+    dropout: str  # "off", "mask" or "seed"
+    dtype: torch.dtype
+
+
+@st.composite
+def qlora_cases(draw):
+    lead = draw(st.one_of(st.tuples(st.integers(1, 50)), st.tuples(st.integers(1, 3), st.integers(1, 17))))
+    return QLoRACase(lead, draw(st.integers(1, 40)), draw(st.integers(1, 40)),
+                     draw(st.sampled_from([32, 64])), draw(st.sampled_from([None, 1, 3, 6, 17])),
+                     draw(st.booleans()), draw(st.sampled_from(grad_combinations(3))),
+                     draw(st.sampled_from(["off", "mask", "seed"])), draw(st.sampled_from(DTYPES)))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@property_settings(max_examples=10)
+@given(case=qlora_cases())
+# dA without dx on 3 row tiles (the last group has one): gb written for every row
+@example(case=QLoRACase((41,), 37, 19, 64, 5, False, (False, True, True), "off", F32))
+@example(case=QLoRACase((41,), 37, 19, 32, 3, True, (False, True, False), "seed", BF16))
+@example(case=QLoRACase((1,), 33, 7, 64, 1, True, (True, True, True), "mask", F32))  # one row, rank 1
+@example(case=QLoRACase((2, 3), 21, 5, 32, None, True, (True, False, False), "off", BF16))  # plain 4-bit
+@example(case=QLoRACase((3,), 9, 11, 64, 2, False, (True, False, False), "seed", F32))  # only x
+@example(case=QLoRACase((4,), 9, 11, 64, 2, True, (False, False, True), "off", F32))  # only B
+# nothing needs grad
+@example(case=QLoRACase((4,), 9, 11, 64, None, False, (False, False, False), "off", F32))
+def test_qlora_linear_property(impl, case):
+    dtype, rows = case.dtype, int(np.prod(case.lead))
+    state = _state((case.out_f, case.in_f), case.blocksize, seed=case.out_f)
+    x = randn(*case.lead, case.in_f, dtype=dtype, seed=rows, requires_grad=case.needs[0])
+    b = randn(case.out_f, dtype=dtype, seed=2) if case.bias else None
+    A = B = None
+    if case.rank is not None:
+        A = randn(case.rank, case.in_f, dtype=dtype, seed=4, scale=0.2, requires_grad=case.needs[1])
+        B = randn(case.out_f, case.rank, dtype=dtype, seed=5, scale=0.2, requires_grad=case.needs[2])
+    p, mask, seed, ref_mask = 0.0, None, None, None
+    if case.dropout != "off" and A is not None:
+        p = 0.3
+        if case.dropout == "mask":
+            draw = torch.rand(x.shape, generator=torch.Generator().manual_seed(rows))
+            mask = ref_mask = draw.to(DEVICE) >= p
+        else:
+            seed = 1000 + rows
+            ref_mask = (lora_dropout_mask(x.shape, p, seed, x.device) if impl == "triton"
+                        else dropout_mask_like(x, p, torch.Generator(x.device).manual_seed(seed)))
+    y = run(impl, nf4_lora_linear, x, state, b, A, B, 0.5, dropout_p=p, dropout_mask=mask, seed=seed)
+    assert y.dtype == dtype and y.shape == (*case.lead, case.out_f)
+    x32, A32, B32 = fp32_copy(x), fp32_copy(A), fp32_copy(B)
+    ref = nf4_lora_linear_reference(x32, state, fp32_copy(b), A32, B32, 0.5, p, ref_mask)
+    check_op(y, ref, [x, A, B], [x32, A32, B32], dtype, ["x", "lora_A", "lora_B"], "nf4_lora_linear")

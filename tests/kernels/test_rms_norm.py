@@ -2,10 +2,24 @@
 
 import pytest
 import torch
-from kernel_utils import DTYPES, IMPLS, assert_grads_close, fp32_copy, grads, randn, run
+from hypothesis import example, given
+from hypothesis import strategies as st
+from kernel_utils import (
+    DTYPES,
+    IMPLS,
+    assert_grads_close,
+    check_op,
+    fp32_copy,
+    grad_combinations,
+    grads,
+    property_settings,
+    randn,
+    run,
+)
+from tolerances import assert_close
+
 from peftloop.kernels import rms_norm
 from peftloop.kernels.rms_norm import rms_norm_reference
-from tolerances import assert_close
 
 
 def _check(impl, x, weight, dtype, eps=1e-6):
@@ -83,3 +97,21 @@ def test_rms_norm_under_autocast_is_unchanged(impl):
 def test_rms_norm_rejects_a_wrong_weight():
     with pytest.raises(ValueError, match="does not match"):
         rms_norm(torch.zeros(2, 8), torch.ones(7))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@property_settings(max_examples=10)
+@given(lead=st.one_of(st.tuples(st.integers(1, 40)), st.tuples(st.integers(1, 3), st.integers(1, 13))),
+       hidden=st.integers(1, 70), needs=st.sampled_from(grad_combinations(2)), dtype=st.sampled_from(DTYPES))
+@example(lead=(1,), hidden=1, needs=(True, True), dtype=torch.float32)  # one row of one element
+@example(lead=(7,), hidden=33, needs=(False, True), dtype=torch.float32)  # only the weight: dx skipped
+@example(lead=(2, 5), hidden=45, needs=(True, False), dtype=torch.bfloat16)  # frozen weight: no dW
+@example(lead=(4,), hidden=64, needs=(False, False), dtype=torch.float32)  # nothing needs grad
+def test_rms_norm_property(impl, lead, hidden, needs, dtype):
+    """Drawn shapes (rows not a multiple of the 3 backward programs, odd hidden sizes) and every
+    combination of which of x and the weight need a gradient."""
+    x = randn(*lead, hidden, dtype=dtype, scale=3.0, seed=hidden, requires_grad=needs[0])
+    w = _weight(hidden, dtype, needs[1])
+    out = run(impl, rms_norm, x, w)
+    x32, w32 = fp32_copy(x), fp32_copy(w)
+    check_op(out, rms_norm_reference(x32, w32), [x, w], [x32, w32], dtype, ["x", "weight"], "rms_norm")

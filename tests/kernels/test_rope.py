@@ -2,10 +2,25 @@
 
 import pytest
 import torch
-from kernel_utils import DEVICE, DTYPES, IMPLS, assert_grads_close, fp32_copy, grads, randn, run
+from hypothesis import example, given
+from hypothesis import strategies as st
+from kernel_utils import (
+    DEVICE,
+    DTYPES,
+    IMPLS,
+    assert_grads_close,
+    check_op,
+    fp32_copy,
+    grad_combinations,
+    grads,
+    property_settings,
+    randn,
+    run,
+)
+from tolerances import assert_close
+
 from peftloop.kernels import apply_rope
 from peftloop.kernels.rope import apply_rope_reference
-from tolerances import assert_close
 
 
 def _cos_sin(batch, seq, dim, dtype, seed=0):
@@ -85,3 +100,36 @@ def test_rope_rejects_bad_shapes():
     q = torch.zeros(1, 2, 3, 4, device=DEVICE)
     with pytest.raises(ValueError, match="expected q"):
         apply_rope(q, q, torch.zeros(3, 5, device=DEVICE), torch.zeros(3, 5, device=DEVICE))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@property_settings(max_examples=10)
+@given(batch=st.integers(1, 2), heads=st.integers(1, 5), kv_heads=st.integers(1, 3), seq=st.integers(1, 5),
+       half=st.integers(1, 9), tables=st.sampled_from(["BTD", "1TD", "TD"]), transposed=st.booleans(),
+       needs=st.sampled_from(grad_combinations(2)), dtype=st.sampled_from(DTYPES))
+@example(batch=1, heads=1, kv_heads=1, seq=1, half=1, tables="TD", transposed=False, needs=(True, True),
+         dtype=torch.float32)  # one position of one 2-element head
+@example(batch=2, heads=5, kv_heads=3, seq=3, half=7, tables="BTD", transposed=True, needs=(True, False),
+         dtype=torch.bfloat16)  # odd head counts: ragged last step of 2 heads; only q
+@example(batch=2, heads=4, kv_heads=1, seq=2, half=3, tables="1TD", transposed=False, needs=(False, True),
+         dtype=torch.float32)  # only k
+@example(batch=1, heads=2, kv_heads=2, seq=2, half=2, tables="TD", transposed=True, needs=(False, False),
+         dtype=torch.float32)  # nothing needs grad
+def test_rope_property(impl, batch, heads, kv_heads, seq, half, tables, transposed, needs, dtype):
+    """Drawn head counts, lengths and (odd) half dims; [B, T, D], [1, T, D] and [T, D] tables;
+    contiguous or [B, T, H, D] transposed views; every combination of which of q, k need a gradient."""
+    dim = 2 * half
+
+    def qk(h, seed, need):
+        if transposed:
+            return randn(batch, seq, h, dim, dtype=dtype, seed=seed).transpose(1, 2).requires_grad_(need)
+        return randn(batch, h, seq, dim, dtype=dtype, seed=seed, requires_grad=need)
+
+    q, k = qk(heads, 1, needs[0]), qk(kv_heads, 2, needs[1])
+    cos, sin = _cos_sin(batch if tables == "BTD" else 1, seq, dim, dtype, seed=3)
+    if tables == "TD":
+        cos, sin = cos[0], sin[0]
+    out = run(impl, apply_rope, q, k, cos, sin)
+    q32, k32 = fp32_copy(q), fp32_copy(k)
+    ref = apply_rope_reference(q32, k32, cos.float(), sin.float())
+    check_op(out, ref, [q, k], [q32, k32], dtype, ["q", "k"], "apply_rope")

@@ -2,10 +2,24 @@
 
 import pytest
 import torch
-from kernel_utils import DTYPES, IMPLS, assert_grads_close, fp32_copy, grads, randn, run
+from hypothesis import example, given
+from hypothesis import strategies as st
+from kernel_utils import (
+    DTYPES,
+    IMPLS,
+    assert_grads_close,
+    check_op,
+    fp32_copy,
+    grad_combinations,
+    grads,
+    property_settings,
+    randn,
+    run,
+)
+from tolerances import assert_close
+
 from peftloop.kernels import swiglu
 from peftloop.kernels.swiglu import swiglu_reference
-from tolerances import assert_close
 
 SHAPES = [(3, 5, 77), (1, 33), (2, 1, 7)]
 
@@ -63,3 +77,21 @@ def test_swiglu_only_up_trainable(impl):
 def test_swiglu_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="one shape"):
         swiglu(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@property_settings(max_examples=10)
+@given(lead=st.one_of(st.tuples(st.integers(1, 20)), st.tuples(st.integers(1, 3), st.integers(1, 7))),
+       width=st.integers(1, 100), needs=st.sampled_from(grad_combinations(2)), dtype=st.sampled_from(DTYPES))
+@example(lead=(1,), width=1, needs=(True, True), dtype=torch.float32)  # one element
+@example(lead=(3,), width=33, needs=(True, False), dtype=torch.bfloat16)  # only gate; 32 + 1 columns
+@example(lead=(2, 2), width=64, needs=(False, True), dtype=torch.float32)  # only up; whole blocks
+@example(lead=(2,), width=5, needs=(False, False), dtype=torch.float32)  # nothing needs grad
+def test_swiglu_property(impl, lead, width, needs, dtype):
+    """Drawn shapes (widths around the interpreter's 32-column block) and every combination of
+    which of gate and up need a gradient."""
+    gate = randn(*lead, width, dtype=dtype, scale=2.0, seed=width, requires_grad=needs[0])
+    up = randn(*lead, width, dtype=dtype, seed=width + 1, requires_grad=needs[1])
+    out = run(impl, swiglu, gate, up)
+    gate32, up32 = fp32_copy(gate), fp32_copy(up)
+    check_op(out, swiglu_reference(gate32, up32), [gate, up], [gate32, up32], dtype, ["gate", "up"], "swiglu")

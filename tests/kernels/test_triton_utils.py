@@ -9,6 +9,7 @@ pytestmark = pytest.mark.skipif(not TRITON_RUNS, reason="no Triton")
 if TRITON_RUNS:
     import triton
     import triton.language as tl
+
     from peftloop.kernels._triton_utils import cast, dot
 
     @triton.jit
