@@ -27,12 +27,11 @@ def test_demo_end_to_end_through_the_cli(tmp_path, capsys):
     assert [r["step"] for r in log if "eval_loss" in r] == [20, 40]
 
     peft = pytest.importorskip("peft", reason="the 'ref' extra is not installed")
-    transformers = pytest.importorskip("transformers")
     from peftloop.checkpoint import load_adapter
     from peftloop.models import load_pretrained
+    from tests.hf_builders import load_reference
 
-    base = transformers.AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
-    theirs = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
+    theirs = peft.PeftModel.from_pretrained(load_reference(out / "base"), out / "adapter").eval()
     ours = load_adapter(load_pretrained(out / "base"), out / "adapter").eval()
     ids = torch.tensor([[1, 4, 5, 6, 3]])
     torch.testing.assert_close(theirs(ids).logits, ours(ids), rtol=0, atol=1e-5)

@@ -7,44 +7,20 @@ import pytest
 import torch
 
 from peftloop.cli import main
-from peftloop.models import load_pretrained, save_pretrained
-from peftloop.models.llama import LlamaConfig, LlamaForCausalLM
-from tests.helpers import assert_merged_logits_close
-from tests.hf_builders import (
-    FAMILIES,
-    build_checkpoint,
-    load_reference,
-    save_tokenizer_files,
-    train_tokenizer,
-)
-
-QA = [("What colour is the sky?", "Blue."), ("How many legs does a spider have?", "Eight."),
-      ("Which planet is closest to the sun?", "Mercury."), ("What do bees make?", "Honey.")]
+from peftloop.models import load_pretrained
+from tests.helpers import QA, assert_merged_logits_close, qa_records, save_chat_base, write_jsonl
+from tests.hf_builders import FAMILIES, build_checkpoint, load_reference
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A tiny Qwen2-shaped checkpoint (tied, q/k/v bias) with a ChatML tokenizer, written by peftloop.
-    Weights N(0, 0.2): a frozen head that is not flat, so a small LoRA learns the task in a few steps."""
-    folder = tmp_path_factory.mktemp("base") / "qwen2-tiny"
-    tokenizer = train_tokenizer("chatml")
-    config = LlamaConfig(model_type="qwen2", vocab_size=tokenizer.get_vocab_size(), hidden_size=64,
-                         intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         tie_word_embeddings=True, bos_token_id=None, initializer_range=0.2,
-                         eos_token_id=tokenizer.token_to_id("<|im_end|>"))
-    model = LlamaForCausalLM(config)
-    model.init_weights(torch.Generator().manual_seed(0))
-    save_pretrained(model, folder)
-    save_tokenizer_files(folder, "chatml", tokenizer)
-    return folder
+    """helpers.save_chat_base: a tiny Qwen2-shaped checkpoint with a ChatML tokenizer."""
+    return save_chat_base(tmp_path_factory.mktemp("base") / "qwen2-tiny")
 
 
 @pytest.fixture
 def data(tmp_path):
-    path = tmp_path / "train.jsonl"
-    lines = [{"prompt": f"Q: {q}\nA:", "completion": f" {a}"} for q, a in QA] * 4
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return path
+    return write_jsonl(tmp_path / "train.jsonl", qa_records(4))
 
 
 def test_train_evaluates_saves_and_generate_shows_the_adapter(base, data, tmp_path, capsys):

@@ -3,7 +3,6 @@ truncation, packing (same per-example loss as unpacked), length grouping, stream
 the eval split."""
 
 import itertools
-import json
 
 import pytest
 import torch
@@ -22,7 +21,8 @@ from peftloop.data import (
     pack,
 )
 from peftloop.tokenizer import Tokenizer
-from tests.helpers import tiny_model
+from tests.helpers import StopAt, tiny_model, write_jsonl
+from tests.helpers import tokenizer as tokenizer  # fixture
 from tests.hf_builders import build_tokenizer_folder
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What colour is the sky?"},
@@ -31,18 +31,8 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return Tokenizer.from_pretrained(build_tokenizer_folder(tmp_path_factory.mktemp("tok"), "chatml"))
-
-
-@pytest.fixture(scope="module")
 def llama_tokenizer(tmp_path_factory):
     return Tokenizer.from_pretrained(build_tokenizer_folder(tmp_path_factory.mktemp("tok"), "llama2"))
-
-
-def write_jsonl(path, records):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return path
 
 
 def build(tokenizer, record, **config):
@@ -307,7 +297,6 @@ def test_eval_file_is_used_as_is(tmp_path, tokenizer):
 def test_resume_with_streamed_or_grouped_data_is_bit_exact(tmp_path, tokenizer, kind):
     """The loop resumes by skipping the micro-batches of the epoch it had consumed; with a
     streaming dataset (shuffle buffer) or length grouping that must land on the same examples."""
-    from peftloop.callbacks import Callback
     from peftloop.checkpoint import read_safetensors
     from peftloop.config import LoraConfig, TrainConfig
     from peftloop.inject import inject_lora
@@ -317,10 +306,6 @@ def test_resume_with_streamed_or_grouped_data_is_bit_exact(tmp_path, tokenizer, 
     config = DataConfig(train_file=str(path), streaming=kind == "streaming", group_by_length=kind == "grouped",
                         shuffle_buffer=4)
     data, _ = load_datasets(config, tokenizer)
-
-    class StopAt(Callback):
-        def on_step_end(self, state, metrics):
-            state.should_stop = state.global_step == 5
 
     def run(out, callbacks=(), resume=None):
         model = tiny_model(vocab_size=tokenizer.vocab_size)
@@ -332,6 +317,6 @@ def test_resume_with_streamed_or_grouped_data_is_bit_exact(tmp_path, tokenizer, 
         return read_safetensors(out / "adapter" / "adapter_model.safetensors")
 
     straight = run(tmp_path / "straight")
-    run(tmp_path / "resumed", callbacks=[StopAt()])
+    run(tmp_path / "resumed", callbacks=[StopAt(5)])
     resumed = run(tmp_path / "resumed", resume=True)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)

@@ -10,13 +10,7 @@ from hypothesis import strategies as st
 from peftloop import data as data_module
 from peftloop.config import DataConfig
 from peftloop.data import DataError, load_datasets
-from peftloop.tokenizer import Tokenizer
-from tests.hf_builders import build_tokenizer_folder
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return Tokenizer.from_pretrained(build_tokenizer_folder(tmp_path_factory.mktemp("tok"), "chatml"))
+from tests.helpers import tokenizer as tokenizer  # fixture
 
 
 @pytest.mark.slow

@@ -22,9 +22,8 @@ from peftloop.models import load_pretrained, save_pretrained
 from peftloop.models.llama import LlamaConfig, LlamaForCausalLM
 from peftloop.nf4 import dequantize_model, nf4_layers, quantize_model
 from peftloop.train import train
-from tests.helpers import tiny_model
+from tests.helpers import TOKENS, save_chat_base, tiny_model
 
-TOKENS = torch.tensor([[1, 5, 9, 33, 2, 17, 8, 60, 4], [1, 44, 3, 3, 12, 50, 21, 7, 2]])
 LABELS = torch.where(torch.arange(9) < 3, -100, TOKENS)
 
 
@@ -89,6 +88,7 @@ def checkpoint(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_streamed_4bit_load_equals_quantising_the_loaded_model(checkpoint):
     streamed = load_pretrained(checkpoint / "model", dtype="bf16", quantization="nf4", double_quant=True)
     loaded = quantize_model(load_pretrained(checkpoint / "model", dtype="fp32"))
@@ -102,6 +102,7 @@ def test_streamed_4bit_load_equals_quantising_the_loaded_model(checkpoint):
     assert streamed.lm_head.weight is streamed.model.embed_tokens.weight  # tied, never quantised
 
 
+@pytest.mark.slow
 def test_the_4bit_base_takes_at_most_0_3_of_its_bf16_size(checkpoint):
     """Measured: the bytes of every tensor a 4-bit layer holds (storage, not element counts),
     against the same weights in bf16."""
@@ -220,20 +221,12 @@ def test_a_4bit_model_is_not_saved_as_a_checkpoint(tmp_path):
 
 @pytest.fixture(scope="module")
 def hf_base(tmp_path_factory):
-    from tests.hf_builders import save_tokenizer_files, train_tokenizer
-
-    folder = tmp_path_factory.mktemp("base") / "llama-tiny"
-    tokenizer = train_tokenizer("chatml")
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         bos_token_id=None, initializer_range=0.2,
-                                         eos_token_id=tokenizer.token_to_id("<|im_end|>")))
-    model.init_weights(torch.Generator().manual_seed(0))
-    save_pretrained(model, folder)
-    save_tokenizer_files(folder, "chatml", tokenizer)
-    return folder
+    """A tiny Llama (untied, no biases) with a ChatML tokenizer."""
+    return save_chat_base(tmp_path_factory.mktemp("base") / "llama-tiny", model_type="llama",
+                          tie_word_embeddings=False)
 
 
+@pytest.mark.slow
 def test_cli_trains_qlora_with_dora_checkpointing_and_loraplus_then_merges(hf_base, tmp_path, capsys):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Q: {q}\nA:", "completion": f" {a}"}) + "\n"
