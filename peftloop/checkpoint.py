@@ -2,12 +2,12 @@
 
 Adapter folder (PEFT's format, loadable by ``peft.PeftModel.from_pretrained``)::
 
-    adapter_config.json          LoraConfig.to_adapter_config()
+    adapter_config.json          adapter_format.to_adapter_config()
     adapter_model.safetensors    base_model.model.<module>.lora_A.weight / .lora_B.weight (DoRA: also
                                  .lora_magnitude_vector), metadata {"format": "pt"}
 
 An adapter trained from a PiSSA/OLoRA init is written as the plain LoRA of rank 2r that gives
-the same model on the *original* base weights (``inject.adapter_state_dict``), so it loads
+the same model on the *original* base weights (``adapter_format.adapter_state_dict``), so it loads
 onto the checkpoint the user started from, in PEFT or here, with no residual model to ship.
 
 A training checkpoint ``checkpoint-N/`` is an adapter folder plus::
@@ -24,137 +24,39 @@ half of one; a folder without a valid manifest is not a checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
-import os
 import random
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from peftloop.config import ConfigError, LoraConfig
-from peftloop.inject import (
+from peftloop.adapter_format import (
     adapter_parameters,
     adapter_state_dict,
-    inject_lora,
+    from_adapter_config,
     load_adapter_state_dict,
-    lora_layers,
-    unload,
+    to_adapter_config,
 )
+from peftloop.config import ConfigError, LoraConfig
+from peftloop.files import (
+    CheckpointError,
+    atomic_directory,
+    read_json,
+    read_safetensors,
+    save_tensors,
+    write_json,
+)
+from peftloop.inject import inject_lora, lora_layers, unload
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MANIFEST = "manifest.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint or adapter on disk is missing, incomplete or corrupt; the message names the file."""
-
-
-# --------------------------------------------------------------------------------------------
-# Atomic folders
-
-
-@contextlib.contextmanager
-def atomic_directory(final: str | Path):
-    """Yield a temporary folder beside ``final``; on success it replaces ``final`` in one rename.
-
-    On any exception the temporary folder is removed and ``final`` is untouched.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if final.exists():
-            trash = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-            os.rename(final, trash)
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def recover_interrupted_writes(parent: str | Path) -> None:
-    """Clean up after a crash inside ``atomic_directory``: temporary folders are deleted, and a
-    folder caught between "old moved aside" and "new moved in" gets its old version back."""
-    parent = Path(parent)
-    if not parent.is_dir():
-        return
-    for path in parent.iterdir():
-        m = re.match(r"^\.(tmp|old)-(.+)-[0-9a-f]{8}$", path.name)
-        if not m or not path.is_dir():
-            continue
-        original = parent / m.group(2)
-        if m.group(1) == "old" and not original.exists():
-            os.rename(path, original)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.iterdir():
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a folder be fsynced
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-MAX_JSON_BYTES = 64 << 20  # configs and states are kilobytes; a bigger "config" is not one
-
-
-def read_json(path: Path) -> Any:
-    path = Path(path)
-    try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise CheckpointError(f"{path}: {path.stat().st_size} bytes is too large for a JSON config")
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Load a safetensors file onto the CPU, turning every failure into an error that names the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        return load_file(path, device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,23 +81,15 @@ def write_adapter(directory: str | Path, tensors: dict[str, torch.Tensor], confi
     return Path(directory)
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    """safetensors' save_file, with its I/O failures (a full disk) raised as OSError like every other write."""
-    try:
-        save_file(tensors, path, metadata=metadata)
-    except SafetensorError as e:
-        raise OSError(f"{path}: {e}") from None
-
-
 def _write_adapter_files(directory: Path, tensors: dict[str, torch.Tensor], config: LoraConfig) -> None:
-    _save_tensors(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    _write_json(directory / ADAPTER_CONFIG, config.to_adapter_config())
+    save_tensors(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    write_json(directory / ADAPTER_CONFIG, to_adapter_config(config))
 
 
 def read_adapter_config(directory: str | Path) -> LoraConfig:
     path = Path(directory) / ADAPTER_CONFIG
     try:
-        return LoraConfig.from_adapter_config(read_json(path), source=str(path))
+        return from_adapter_config(read_json(path), source=str(path))
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
 
@@ -248,9 +142,9 @@ def save_checkpoint(path: str | Path, *, adapter: dict[str, torch.Tensor], lora_
     trainer_state = {**trainer_state, "optimizer": opt_meta, "rng": rng_meta}
     with atomic_directory(path) as tmp:
         _write_adapter_files(tmp, adapter, lora_config)
-        _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
-        _save_tensors(rng_tensors, tmp / "rng_state.safetensors")
-        _write_json(tmp / "trainer_state.json", trainer_state)
+        save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+        save_tensors(rng_tensors, tmp / "rng_state.safetensors")
+        write_json(tmp / "trainer_state.json", trainer_state)
         _write_manifest(tmp)
     return Path(path)
 
@@ -339,7 +233,7 @@ def _sha256(path: Path) -> str:
 def _write_manifest(directory: Path) -> None:
     files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
-    _write_json(directory / MANIFEST, {"files": files})
+    write_json(directory / MANIFEST, {"files": files})
 
 
 def verify_manifest(directory: str | Path) -> None:

@@ -22,19 +22,30 @@ that names the key. Everything is validated before any file is read or written.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+import warnings
 from pathlib import Path
 
-from peftloop.config import (
-    ConfigError,
-    DataConfig,
-    LoraConfig,
-    ModelConfig,
-    TrainConfig,
-    build,
-    load_toml,
-    parse_overrides,
+import torch
+
+from peftloop.checkpoint import load_adapter
+from peftloop.config import ConfigError, DataConfig, LoraConfig, ModelConfig, TrainConfig
+from peftloop.config_io import build, load_toml, parse_overrides
+from peftloop.data import collate, load_datasets
+from peftloop.demo import run_demo
+from peftloop.generate import generate_text
+from peftloop.hub import resolve_model
+from peftloop.inject import describe_trainable, disable_adapters, inject_lora, merge_and_unload
+from peftloop.models import (
+    enable_gradient_checkpointing,
+    load_pretrained,
+    parse_dtype,
+    read_config_json,
+    save_pretrained,
 )
+from peftloop.tokenizer import Tokenizer
+from peftloop.train import seed_everything, train
 
 SCHEMA = {"train": TrainConfig, "lora": LoraConfig, "model": ModelConfig, "data": DataConfig}
 
@@ -117,8 +128,6 @@ def _train(args, rest) -> int:
         if sections["model"] or sections["data"]:
             given = [f"{s}.{k}" for s in ("model", "data") for k in sections[s]]
             raise ConfigError(f"{source}: {', '.join(given)} given without a model: set --model (model.name_or_path)")
-        from peftloop.demo import run_demo
-
         sections["train"].setdefault("output_dir", "peftloop-demo")
         run_demo(sections["train"]["output_dir"], train_overrides=sections["train"], lora_overrides=sections["lora"])
         return 0
@@ -129,15 +138,6 @@ def train_model(model_config: ModelConfig, data_config: DataConfig, train_values
                 source: str = "config") -> int:
     """Load the model, tokenizer and data, inject LoRA, run the loop, report. Data problems are
     found before the model is loaded, and nothing is written before the loop starts."""
-    import functools
-
-    from peftloop.data import collate, load_datasets
-    from peftloop.hub import resolve_model
-    from peftloop.inject import describe_trainable, inject_lora
-    from peftloop.models import enable_gradient_checkpointing, load_pretrained
-    from peftloop.tokenizer import Tokenizer
-    from peftloop.train import seed_everything, train
-
     train_config = build(TrainConfig, train_values, "train", source)
     # LoRA on every linear layer but the head unless told otherwise (QLoRA's finding: all-linear
     # adapters match full fine-tuning far better than q/v only).
@@ -182,13 +182,6 @@ def train_model(model_config: ModelConfig, data_config: DataConfig, train_values
 
 
 def _generate(args) -> int:
-    from peftloop.checkpoint import load_adapter
-    from peftloop.generate import generate_text
-    from peftloop.hub import resolve_model
-    from peftloop.inject import disable_adapters
-    from peftloop.models import load_pretrained, parse_dtype
-    from peftloop.tokenizer import Tokenizer
-
     parse_dtype(args.dtype)
     if args.compare and not args.adapter:
         raise ConfigError("--compare needs --adapter (it prints the base model's output beside the adapter's)")
@@ -215,15 +208,6 @@ def _generate(args) -> int:
 
 
 def _merge(args) -> int:
-    import warnings
-
-    import torch
-
-    from peftloop.checkpoint import load_adapter
-    from peftloop.hub import resolve_model
-    from peftloop.inject import merge_and_unload
-    from peftloop.models import load_pretrained, parse_dtype, read_config_json, save_pretrained
-
     dtype = parse_dtype(args.dtype) if args.dtype else None
     folder = resolve_model(args.base, revision=args.revision)
     if args.quantization:

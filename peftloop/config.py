@@ -1,19 +1,19 @@
-"""Configuration: dataclasses with a docstring under each field, read from TOML and CLI flags.
+"""Configuration: dataclasses with a docstring under each field, and their validation.
 
-``LoraConfig`` is what goes into ``adapter_config.json`` (PEFT's field names and defaults).
-``TrainConfig`` is everything the loop in ``train.py`` reads. Both validate themselves in
-``__post_init__`` and name the offending key when something is wrong.
+``LoraConfig`` is what goes into ``adapter_config.json`` (PEFT's field names and defaults; the
+translation to and from that file is ``adapter_format``'s). ``TrainConfig`` is everything the
+loop in ``train.py`` reads; ``ModelConfig`` and ``DataConfig`` are the CLI's model and data.
+Each validates itself in ``__post_init__`` and names the offending key when something is wrong.
+Reading them from TOML files and ``--key value`` flags is ``config_io``'s job.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
+import types
 import typing
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 
@@ -85,83 +85,21 @@ class LoraConfig:
             except re.error as e:
                 raise ConfigError(f"lora rank/alpha pattern {key!r} is not a valid regex: {e}") from None
 
-    def scaling_for(self, module_name: str) -> tuple[int, float]:
-        """(rank, scaling) for one module, after rank_pattern / alpha_pattern (PEFT's matching)."""
+    def rank_and_alpha_for(self, module_name: str) -> tuple[int, float]:
+        """(r, lora_alpha) of one module, after rank_pattern / alpha_pattern (PEFT's matching).
+        The scaling itself is the layer's to compute (``LoRALinear.scaling``)."""
         r = _pattern_value(self.rank_pattern, module_name, self.r)
-        alpha = _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
-        return r, alpha / (r**0.5 if self.use_rslora else r)
-
-    # adapter_config.json ------------------------------------------------------------------
+        return r, _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
 
     @property
     def mutates_base(self) -> bool:
         """True for PiSSA/OLoRA: the init moves part of W into the adapter (W becomes a residual)."""
-        return isinstance(self.init_lora_weights, str) and self.init_lora_weights.startswith(("pissa", "olora"))
-
-    def to_adapter_config(self) -> dict[str, Any]:
-        """The dict written as adapter_config.json: PEFT's keys, loadable by peft.PeftModel.
-
-        A PiSSA/OLoRA adapter is saved as a plain LoRA of rank 2r on the original weights (see
-        ``inject.adapter_state_dict``), as PEFT's ``path_initial_model_for_weight_conversion``
-        writes it: r (and rank_pattern) doubled, lora_alpha (and alpha_pattern) scaled so that the
-        scaling is unchanged (x2; x√2 with rsLoRA), init_lora_weights True."""
-        d = dataclasses.asdict(self)
-        if self.mutates_base:
-            alpha_factor = 2**0.5 if self.use_rslora else 2
-            d.update(r=2 * self.r, lora_alpha=self.lora_alpha * alpha_factor, init_lora_weights=True,
-                     rank_pattern={k: 2 * v for k, v in self.rank_pattern.items()},
-                     alpha_pattern={k: v * alpha_factor for k, v in self.alpha_pattern.items()})
-        if isinstance(d["target_modules"], (list, tuple)):
-            d["target_modules"] = sorted(d["target_modules"])
-        d.update(peft_type="LORA", inference_mode=True, revision=None, layers_to_transform=None,
-                 layers_pattern=None, lora_bias=False)
-        return dict(sorted(d.items()))
-
-    @classmethod
-    def from_adapter_config(cls, d: dict[str, Any], source: str = "adapter_config.json") -> "LoraConfig":
-        """Read a PEFT adapter_config.json dict. Refuses what would change the math and peftloop
-        does not implement; ignores PEFT bookkeeping keys; warns on keys it has never heard of."""
-        if not isinstance(d, dict):
-            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
-        if d.get("peft_type") != "LORA":
-            raise ConfigError(f"{source}: peft_type={d.get('peft_type')!r}; peftloop loads only 'LORA' adapters")
-        for key, harmless in _PEFT_KEYS_THAT_MUST_BE_DEFAULT.items():
-            if key in d and d[key] not in harmless:
-                raise ConfigError(f"{source}: {key}={d[key]!r} is not supported by peftloop "
-                                  f"(supported: {', '.join(map(repr, harmless))})")
-        ours = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - ours - set(_PEFT_KEYS_THAT_MUST_BE_DEFAULT) - _PEFT_BOOKKEEPING_KEYS
-        unknown = {k for k in unknown if d[k] not in (None, False, {}, [], "")}  # unset options of newer PEFTs
-        if unknown:
-            warnings.warn(f"{source}: ignoring unknown keys {sorted(unknown)}", stacklevel=2)
-        kwargs = {k: v for k, v in d.items() if k in ours}
-        for k in ("rank_pattern", "alpha_pattern"):
-            if kwargs.get(k) is None:
-                kwargs.pop(k, None)
-        try:
-            return cls(**kwargs)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
+        return mutates_base(self.init_lora_weights)
 
 
-# Keys PEFT writes whose non-default values change the forward pass in ways peftloop does not
-# implement: refusing them is better than loading an adapter that silently computes something else.
-_PEFT_KEYS_THAT_MUST_BE_DEFAULT = {
-    "layers_to_transform": (None, []),
-    "layers_pattern": (None, [], ""),
-    "lora_bias": (False,),
-    "use_qalora": (False,),
-    "layer_replication": (None, []),
-    "trainable_token_indices": (None, [], {}),
-    "target_parameters": (None, []),
-    "alora_invocation_tokens": (None, []),
-    "megatron_config": (None,),
-}
-_PEFT_BOOKKEEPING_KEYS = {
-    "peft_type", "inference_mode", "revision", "auto_mapping", "peft_version", "megatron_core",
-    "loftq_config", "eva_config", "corda_config", "qalora_group_size", "ensure_weight_tying",
-    "runtime_config", "arrow_config", "use_bdlora", "lora_ga_config",
-}
+def mutates_base(init_lora_weights: bool | str) -> bool:
+    """True for the inits that move the principal part of W into the adapter (PiSSA, OLoRA)."""
+    return isinstance(init_lora_weights, str) and init_lora_weights.startswith(("pissa", "olora"))
 
 
 def _pattern_value(patterns: dict, module_name: str, default):
@@ -386,7 +324,7 @@ class DataConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Reading configs: types, TOML, CLI overrides
+# Type checks (every __post_init__ calls _check_types)
 
 
 def _check_types(obj, section: str) -> None:
@@ -396,13 +334,13 @@ def _check_types(obj, section: str) -> None:
         value = getattr(obj, f.name)
         ok, coerced = _fits(value, hints[f.name])
         if not ok:
-            raise ConfigError(f"{section}.{f.name}={value!r}: expected {_type_name(hints[f.name])}")
+            raise ConfigError(f"{section}.{f.name}={value!r}: expected {type_name(hints[f.name])}")
         setattr(obj, f.name, coerced)
 
 
 def _fits(value, tp) -> tuple[bool, Any]:
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
             ok, v = _fits(value, arg)
             if ok:
@@ -430,122 +368,7 @@ def _fits(value, tp) -> tuple[bool, Any]:
     return True, value
 
 
-def _type_name(tp) -> str:
+def type_name(tp) -> str:
     if isinstance(tp, type):
         return tp.__name__
     return str(tp).replace("typing.", "")
-
-
-SECTIONS = ("train", "lora", "model", "data")
-
-
-def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Read a TOML config into {section: {key: value}}; unknown sections are an error."""
-    import tomllib
-
-    path = Path(path)
-    try:
-        with path.open("rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    for section, body in raw.items():
-        if section not in SECTIONS or not isinstance(body, dict):
-            raise ConfigError(f"{path}: unknown section [{section}] (expected one of {', '.join(SECTIONS)})")
-    return raw
-
-
-def build(cls, values: dict[str, Any], section: str, source: str = "config"):
-    """cls(**values), with unknown keys named (and the nearest known key suggested)."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in values:
-        if key not in names:
-            hint = difflib.get_close_matches(key, names, n=1)
-            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise ConfigError(f"{source}: unknown key {section}.{key}{suggestion}")
-    try:
-        return cls(**values)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-
-
-def parse_overrides(pairs: list[str], schema: dict[str, type]) -> dict[str, dict[str, Any]]:
-    """Turn ``["--learning_rate", "1e-4", "--lora.r", "16"]`` into {section: {key: value}}.
-
-    A key may be given bare when it is unique across sections, or as ``section.key``.
-    Values are parsed by the declared type of the field (bool: true/false/1/0; lists: comma-separated).
-    """
-    out: dict[str, dict[str, Any]] = {}
-    owners: dict[str, list[str]] = {}
-    for section, cls in schema.items():
-        for f in dataclasses.fields(cls):
-            owners.setdefault(f.name, []).append(section)
-    i = 0
-    while i < len(pairs):
-        flag = pairs[i]
-        if not flag.startswith("--"):
-            raise ConfigError(f"expected --key value, got {flag!r}")
-        key, _, inline = flag[2:].replace("-", "_").partition("=")
-        if inline:
-            value, i = inline, i + 1
-        else:
-            if i + 1 >= len(pairs):
-                raise ConfigError(f"--{key} needs a value")
-            value, i = pairs[i + 1], i + 2
-        if "." in key:
-            section, key = key.split(".", 1)
-            if section not in schema:
-                raise ConfigError(f"--{section}.{key}: unknown section {section!r}")
-        else:
-            sections = owners.get(key, [])
-            if not sections:
-                names = list(owners)
-                hint = difflib.get_close_matches(key, names, n=1)
-                raise ConfigError(f"unknown option --{key}" + (f"; did you mean --{hint[0]}?" if hint else ""))
-            if len(sections) > 1:
-                raise ConfigError(f"--{key} is ambiguous: use one of " + ", ".join(f"--{s}.{key}" for s in sections))
-            section = sections[0]
-        cls = schema[section]
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if key not in fields:
-            raise ConfigError(f"unknown option --{section}.{key}")
-        out.setdefault(section, {})[key] = _parse_value(value, typing.get_type_hints(cls)[key], f"--{key}")
-    return out
-
-
-def _parse_value(text: str, tp, flag: str):
-    """Parse one CLI string by the field's type; unions try the narrowest reading first."""
-    candidates = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, __import__("types").UnionType) else (tp,)
-    lowered = text.strip().lower()
-    for cand in candidates:
-        if cand is type(None) and lowered in ("none", "null"):
-            return None
-        if cand is bool and lowered in ("true", "false", "1", "0", "yes", "no"):
-            return lowered in ("true", "1", "yes")
-        if cand is int:
-            try:
-                return int(text)
-            except ValueError:
-                pass
-        if cand is float:
-            try:
-                return float(text)
-            except ValueError:
-                pass
-        if typing.get_origin(cand) is list:
-            # "q_proj,v_proj" or "q_proj" is a list of names; "all-linear" or ".*proj" stays a string
-            # (a regex for target_modules), as in PEFT.
-            if str not in candidates or re.fullmatch(r"[\w\s,]+", text):
-                return [part.strip() for part in text.split(",") if part.strip()]
-        if typing.get_origin(cand) is dict:
-            import json
-
-            try:
-                return json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{flag}: expected a JSON object, got {text!r} ({e})") from None
-    if str in candidates:
-        return text
-    raise ConfigError(f"{flag}={text!r}: expected {_type_name(tp)}")

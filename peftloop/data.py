@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from peftloop.tokenizer import TokenizerError
+
 IGNORE_INDEX = -100
 LENGTH_GROUP_BATCHES = 50  # micro-batches per window sorted by length (transformers' LengthGroupedSampler's)
 
@@ -266,8 +268,6 @@ class ExampleBuilder:
 
     def chat_example(self, messages, trained: list[int], where):
         """Render with the chat template; label the tokens that start inside a trained turn's span."""
-        from peftloop.tokenizer import TokenizerError
-
         try:
             if self.config.completion_only_loss:
                 text, spans = self.tokenizer.chat_spans(messages, trained)

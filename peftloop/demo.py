@@ -21,14 +21,17 @@ import random
 import time
 from pathlib import Path
 
+import tokenizers
 import torch
+from tokenizers import Regex, decoders, models, pre_tokenizers, processors
 
 from peftloop import distributed
 from peftloop.config import LoraConfig, TrainConfig
-from peftloop.generate import generate
-from peftloop.inject import describe_trainable, inject_lora
+from peftloop.generate import generate, generate_text
+from peftloop.inject import describe_trainable, disable_adapters, inject_lora
 from peftloop.models import load_pretrained, save_pretrained
 from peftloop.models.llama import LlamaConfig, LlamaForCausalLM
+from peftloop.tokenizer import Tokenizer
 from peftloop.train import resolve_device, seed_everything, train
 
 LETTERS = "abcdefghijklmnop"
@@ -44,10 +47,8 @@ DEMO_LORA = dict(r=16, lora_alpha=32, target_modules="all-linear", modules_to_sa
 def build_tokenizer():
     """A character-level tokenizer built with the tokenizers library (saved as a real tokenizer.json).
     Encoding with special tokens puts <s> first, as Llama's tokenizers do."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
     vocab = {tok: i for i, tok in enumerate([*SPECIAL, SEPARATOR, *LETTERS])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
     tokenizer.add_special_tokens(SPECIAL)
@@ -164,10 +165,6 @@ def run_demo(output_dir: str | Path = "peftloop-demo", train_overrides: dict | N
 def show_before_and_after(model, base_dir: Path, prompts: list[str], print=builtins.print) -> None:  # noqa: A002
     """What ``peftloop generate --compare`` prints: the base model's and the adapter's greedy outputs,
     through the tokenizer files saved with the base."""
-    from peftloop.generate import generate_text
-    from peftloop.inject import disable_adapters
-    from peftloop.tokenizer import Tokenizer
-
     tokenizer = Tokenizer.from_pretrained(base_dir)
     with disable_adapters(model):
         before = generate_text(model, tokenizer, prompts, max_new_tokens=9)

@@ -17,6 +17,16 @@ import json
 import os
 from pathlib import Path
 
+import huggingface_hub.constants
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
 METADATA_FILES = [
     "config.json", "generation_config.json", "model.safetensors.index.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -29,8 +39,6 @@ class ModelNotFoundError(FileNotFoundError):
 
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) read now, not when huggingface_hub was imported."""
-    import huggingface_hub.constants
-
     value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     return value.upper() in ("1", "ON", "YES", "TRUE") or huggingface_hub.constants.HF_HUB_OFFLINE
 
@@ -55,8 +63,6 @@ def resolve_model(name_or_path: str | Path, revision: str | None = None, cache_d
 
 
 def _looks_like_repo_id(name: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     if name.startswith((".", "/", "~")) or os.sep in name.replace("/", "", 1):
         return False
     try:
@@ -78,14 +84,6 @@ def _weight_files(folder: Path) -> list[str]:
 
 
 def _snapshot(repo_id: str, revision: str | None, cache_dir, patterns: list[str]) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
     offline = hub_offline()
     where = f"{repo_id} (revision {revision or 'main'})"
     try:

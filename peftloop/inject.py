@@ -1,4 +1,4 @@
-"""Put LoRA layers into any ``nn.Module``, take them out again, and name their tensors as PEFT does.
+"""Put LoRA layers into any ``nn.Module`` and take them out again (merged or not).
 
 Target matching is PEFT's (``check_target_module_exists``):
 - a list: each entry matches a module name exactly or as a suffix after a dot
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 import warnings
 
 import torch
@@ -21,42 +20,15 @@ import torch.nn as nn
 
 from peftloop.config import LoraConfig
 from peftloop.lora import BASE_LAYERS, LoRALinear, TrainableCopy
+from peftloop.modules import adapter_internals, matches, output_head_names, replace_module
 from peftloop.nf4 import NF4Linear
-
-PREFIX = "base_model.model."  # PEFT's on-disk prefix: PeftModel.base_model (LoraModel).model
-
-
-def matches(name: str, targets: list[str] | str | None) -> bool:
-    """PEFT's rule: a string is a full-match regex; a list matches exactly or as a '.'-suffix."""
-    if targets is None:
-        return False
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def output_head_names(model: nn.Module) -> set[str]:
-    """Names of the output head(s), which "all-linear" leaves alone (as PEFT does)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = {name for name, module in model.named_modules() if head is not None and module is head}
-    return names or {name for name, _ in model.named_modules() if name.split(".")[-1] == "lm_head"}
-
-
-def _adapter_internals(model: nn.Module) -> set[str]:
-    """Names of modules that live inside an adapter wrapper and must never be targeted again."""
-    inside = set()
-    for name, module in model.named_modules():
-        if isinstance(module, (LoRALinear, TrainableCopy)):
-            inside.update(f"{name}.{sub}" if sub else name for sub, _ in module.named_modules())
-            inside.discard(name)
-    return inside
 
 
 def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """The names of the Linear modules that get adapters under this config, in model order."""
     if config.target_modules is None:
         raise ValueError("LoraConfig.target_modules is not set: give a list of names, a regex or 'all-linear'")
-    skip = _adapter_internals(model)
+    skip = adapter_internals(model)
     if config.target_modules == "all-linear":
         heads = output_head_names(model)
         candidates = [n for n, m in model.named_modules() if isinstance(m, BASE_LAYERS) and n not in heads]
@@ -96,14 +68,14 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     targets = resolve_targets(model, config)
     model.requires_grad_(False)
     for name in targets:
-        r, scaling = config.scaling_for(name)
+        r, alpha = config.rank_and_alpha_for(name)
         layer = LoRALinear(
-            model.get_submodule(name), r=r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            init_lora_weights=config.init_lora_weights, scaling=scaling, use_dora=config.use_dora,
+            model.get_submodule(name), r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
+            use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights, use_dora=config.use_dora,
         )
-        _replace(model, name, layer)
+        replace_module(model, name, layer)
     for name in _modules_to_save(model, config):
-        _replace(model, name, TrainableCopy(model.get_submodule(name)))
+        replace_module(model, name, TrainableCopy(model.get_submodule(name)))
     if config.target_modules == "all-linear":
         config = dataclasses.replace(config, target_modules=sorted({n.split(".")[-1] for n in targets}))
     model.lora_config = config
@@ -114,15 +86,10 @@ def _modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
     if not config.modules_to_save:
         return []
     names = [n for n, m in model.named_modules() if n and matches(n, config.modules_to_save)
-             and not isinstance(m, (LoRALinear, TrainableCopy)) and n not in _adapter_internals(model)]
+             and not isinstance(m, (LoRALinear, TrainableCopy)) and n not in adapter_internals(model)]
     if not names:
         raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module in {type(model).__name__}")
     return names
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -182,19 +149,19 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         if layer.quantized:
             merged, error = layer.merged_linear(dtype)
             rounding, quantized = max(rounding, error), quantized + 1
-            _replace(model, name, merged)
+            replace_module(model, name, merged)
         else:
             layer.merge()
-            _replace(model, name, layer.base_layer)
+            replace_module(model, name, layer.base_layer)
     for name, module in list(model.named_modules()):
         if isinstance(module, NF4Linear):
             linear = module.to_linear(dtype)
             quantized += 1
-            _replace(model, name, linear)
+            replace_module(model, name, linear)
     for name, wrapper in trainable_copies(model).items():
         original = wrapper.original_module
         trained = wrapper.modules_to_save.to(next(original.parameters()).dtype)
-        _replace(model, name, trained)
+        replace_module(model, name, trained)
     model.requires_grad_(False)
     if hasattr(model, "lora_config"):
         del model.lora_config
@@ -216,107 +183,9 @@ def unload(model: nn.Module) -> nn.Module:
     for name, layer in lora_layers(model).items():
         layer.unmerge()
         layer.restore_base()
-        _replace(model, name, layer.base_layer)
+        replace_module(model, name, layer.base_layer)
     for name, wrapper in trainable_copies(model).items():
-        _replace(model, name, wrapper.original_module)
+        replace_module(model, name, wrapper.original_module)
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
-
-
-# --------------------------------------------------------------------------------------------
-# PEFT's on-disk names
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's on-disk keys (``base_model.model.<module>.lora_A.weight``,
-    ``...lora_B.weight``, DoRA's ``...lora_magnitude_vector``, modules_to_save's ``...weight``).
-
-    A layer whose base PiSSA/OLoRA turned into a residual is written as a plain LoRA of rank 2r
-    on the *original* weight: ``[A; A₀]`` and ``[B, −B₀]``, since W_res + s·B·A = W + s·(B·A − B₀·A₀)
-    (PEFT's ``path_initial_model_for_weight_conversion``; ``LoraConfig.to_adapter_config``
-    doubles r and lora_alpha to match). Those two entries are new tensors; every other entry is
-    the parameter itself."""
-    out = {}
-    for name, layer in lora_layers(model).items():
-        A, B = layer.lora_A.weight, layer.lora_B.weight
-        if layer.initial_lora_A is not None:
-            # whole tensors first: under FSDP2 A and B are shards (a collective on every rank)
-            A, B = (t.full_tensor() if hasattr(t, "full_tensor") else t for t in (A, B))
-            A = torch.cat([A, layer.initial_lora_A.to(A)], dim=0)
-            B = torch.cat([B, -layer.initial_lora_B.to(B)], dim=1)
-        out[f"{PREFIX}{name}.lora_A.weight"] = A
-        out[f"{PREFIX}{name}.lora_B.weight"] = B
-        if layer.use_dora:
-            out[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
-    for name, wrapper in trainable_copies(model).items():
-        for pname, p in wrapper.modules_to_save.named_parameters():
-            out[f"{PREFIX}{name}.{pname}"] = p
-    return out
-
-
-def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The adapter's parameters themselves (A, B, DoRA magnitudes, trained copies)."""
-    params = []
-    for layer in lora_layers(model).values():
-        params += [layer.lora_A.weight, layer.lora_B.weight]
-        if layer.use_dora:
-            params.append(layer.lora_magnitude_vector)
-    for wrapper in trainable_copies(model).values():
-        params += list(wrapper.modules_to_save.parameters())
-    return params
-
-
-def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], strict: bool = True,
-                            source: str = "adapter") -> None:
-    """Copy PEFT-keyed tensors into the model's adapters.
-
-    Every key must name an adapter tensor of the same shape; with ``strict`` every adapter
-    tensor must be present too. Nothing is copied unless all keys check out. DoRA magnitudes are
-    accepted as PEFT writes them (``lora_magnitude_vector``) and as its in-memory name
-    (``lora_magnitude_vector.weight``). For a PiSSA/OLoRA layer the rank-2r tensors that
-    ``adapter_state_dict`` writes are split back into (A, A₀) and (B, B₀); if A₀, B₀ are not
-    this model's own initial factors, its residual base is moved to match them (``rebase``).
-    """
-    expected = adapter_state_dict(model)
-    # PEFT also accepts keys without the prefix (adapters saved from injected-only models).
-    renamed = {}
-    for k, v in tensors.items():
-        k = k if k.startswith(PREFIX) else PREFIX + k
-        renamed[k.removesuffix(".weight") if k.endswith("lora_magnitude_vector.weight") else k] = v
-    unknown = sorted(set(renamed) - set(expected))
-    if unknown:
-        raise KeyError(
-            f"{source}: {len(unknown)} key(s) match no adapter tensor in {type(model).__name__}, "
-            f"first: {unknown[0]!r}" + _nearest(unknown[0], expected)
-        )
-    for key, value in renamed.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise ValueError(
-                f"{source}: {key} has shape {tuple(value.shape)} but the model's adapter expects "
-                f"{tuple(expected[key].shape)} (different r or a different base model?)"
-            )
-    missing = sorted(set(expected) - set(renamed))
-    if strict and missing:
-        raise KeyError(f"{source}: {len(missing)} adapter tensor(s) missing, first: {missing[0]!r}")
-    residual = {name: layer for name, layer in lora_layers(model).items() if layer.initial_lora_A is not None}
-    with torch.no_grad():
-        for name, layer in residual.items():
-            A, B = renamed.pop(f"{PREFIX}{name}.lora_A.weight", None), renamed.pop(f"{PREFIX}{name}.lora_B.weight", None)
-            if A is None or B is None:  # strict=False and missing: both halves or nothing
-                continue
-            r = layer.r
-            A0, B0 = A[r:].to(layer.initial_lora_A), -B[:, r:].to(layer.initial_lora_B)
-            if not (torch.equal(A0, layer.initial_lora_A) and torch.equal(B0, layer.initial_lora_B)):
-                layer.rebase(A0, B0)
-            layer.lora_A.weight.copy_(A[:r])
-            layer.lora_B.weight.copy_(B[:, :r])
-        for key, value in renamed.items():
-            expected[key].copy_(value)
-
-
-def _nearest(key: str, expected) -> str:
-    import difflib
-
-    hint = difflib.get_close_matches(key, list(expected), n=1, cutoff=0.6)
-    return f" (nearest expected key: {hint[0]!r})" if hint else ""

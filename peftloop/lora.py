@@ -38,11 +38,13 @@ the compute dtype inside the forward pass, and their gradients and optimizer sta
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 import torch.nn as nn
 
+from peftloop.config import mutates_base
 from peftloop.kernels import lora_linear, nf4_lora_linear
 from peftloop.nf4 import NF4Linear
 
@@ -51,12 +53,9 @@ BASE_LAYERS = (nn.Linear, NF4Linear)
 NORM_ROWS = 1024
 
 
-def mutates_base(init_lora_weights: bool | str) -> bool:
-    """True for the inits that move the principal part of W into the adapter (PiSSA, OLoRA)."""
-    return isinstance(init_lora_weights, str) and init_lora_weights.startswith(("pissa", "olora"))
-
-
 class LoRALinear(nn.Module):
+    is_adapter_wrapper = True  # peftloop.modules recognises adapter wrappers by this marker
+
     def __init__(
         self,
         base_layer: nn.Linear | NF4Linear,
@@ -65,7 +64,6 @@ class LoRALinear(nn.Module):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
-        scaling: float | None = None,
         use_dora: bool = False,
     ):
         super().__init__()
@@ -74,7 +72,9 @@ class LoRALinear(nn.Module):
         self.base_layer = base_layer.requires_grad_(False)
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, lora_dropout
-        self.scaling = scaling if scaling is not None else lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.use_rslora = use_rslora
+        # The one place the scaling is computed: s = alpha / r, rsLoRA alpha / sqrt(r).
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.use_dora = use_dora
         device = self._base_tensor.device
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
@@ -134,7 +134,7 @@ class LoRALinear(nn.Module):
         OLoRA: W = Q·R, A = R_r (first r rows), B = Q_r (first r columns).
         A 4-bit base is dequantised, and the residual quantised again (QPiSSA: the residual has a
         smaller range than W, so it quantises better)."""
-        weight = self._base_weight(torch.float32)
+        weight = self.base_weight(torch.float32)
         r, s = self.r, self.scaling
         if init == "olora":
             Q, R = torch.linalg.qr(weight)
@@ -150,18 +150,18 @@ class LoRALinear(nn.Module):
             A, B = root[:, None] * Uh, V * root[None, :]  # diag(√(S/s))·Uᴴ and V·diag(√(S/s))
         self.lora_A.weight.copy_(A)
         self.lora_B.weight.copy_(B)
-        self._set_base_weight(weight - s * (self.lora_B.weight @ self.lora_A.weight))
+        self.set_base_weight(weight - s * (self.lora_B.weight @ self.lora_A.weight))
         self.initial_lora_A = self.lora_A.weight.detach().clone()
         self.initial_lora_B = self.lora_B.weight.detach().clone()
 
-    def _base_weight(self, dtype: torch.dtype) -> torch.Tensor:
+    def base_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """W in ``dtype`` (a dequantised copy for a 4-bit base; W itself when it already is ``dtype``)."""
         if self.quantized:
             return self.base_layer.dequantize(dtype)
         return self.base_layer.weight.to(dtype)
 
     @torch.no_grad()
-    def _set_base_weight(self, weight: torch.Tensor) -> None:
+    def set_base_weight(self, weight: torch.Tensor) -> None:
         """Overwrite W (computed in fp32): rounded to W's dtype, or quantised again for a 4-bit base."""
         if self.quantized:
             self.base_layer.requantize_(weight)
@@ -172,25 +172,10 @@ class LoRALinear(nn.Module):
     def restore_base(self) -> None:
         """Put the original W back into a residual base: W ← W_res + s·B₀·A₀ (one rounding)."""
         if self.initial_lora_A is not None:
-            weight = self._base_weight(torch.float32)
+            weight = self.base_weight(torch.float32)
             weight += self.scaling * (self.initial_lora_B.float() @ self.initial_lora_A.float())
-            self._set_base_weight(weight)
+            self.set_base_weight(weight)
             self.initial_lora_A = self.initial_lora_B = None
-
-    @torch.no_grad()
-    def rebase(self, initial_A: torch.Tensor, initial_B: torch.Tensor) -> None:
-        """Make the residual base the one that ``initial_A``, ``initial_B`` were split from:
-        W_res ← W_res + s·(B₀·A₀ − B₀'·A₀'). Used when loading a converted PiSSA/OLoRA adapter
-        into a model whose own init drew different factors (pissa_niter_K's random start)."""
-        if self.initial_lora_A is None:
-            raise ValueError("rebase: this layer's base was not changed by its init")
-        s = self.scaling
-        weight = self._base_weight(torch.float32)
-        weight += s * (self.initial_lora_B.float() @ self.initial_lora_A.float())
-        weight -= s * (initial_B.float() @ initial_A.float())
-        self._set_base_weight(weight)
-        self.initial_lora_A = initial_A.detach().to(self.initial_lora_A).clone()
-        self.initial_lora_B = initial_B.detach().to(self.initial_lora_B).clone()
 
     # forward ------------------------------------------------------------------------------------
 
@@ -229,7 +214,7 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
         """‖W + s·B·A‖ of each output row, fp32 [out], formed NORM_ROWS rows at a time."""
-        weight = self._base_weight(torch.float32) if self.quantized else self.base_layer.weight
+        weight = self.base_weight(torch.float32) if self.quantized else self.base_layer.weight
         A, B = self.lora_A.weight.float(), self.lora_B.weight.float()
         norms = torch.empty(self.out_features, dtype=torch.float32, device=A.device)
         for start in range(0, self.out_features, NORM_ROWS):
@@ -252,7 +237,7 @@ class LoRALinear(nn.Module):
         """The weight the adapted layer computes with, fp32 [out, in]: W + s·B·A, and for DoRA
         (m / ‖W + s·B·A‖_row) ⊙ (W + s·B·A). A 4-bit W is dequantised first."""
         with torch.no_grad():
-            weight = self._base_weight(torch.float32) + self.delta_weight()
+            weight = self.base_weight(torch.float32) + self.delta_weight()
             if self.use_dora:
                 weight *= (self.lora_magnitude_vector.float() / torch.linalg.vector_norm(weight, dim=1))[:, None]
             return weight
@@ -317,10 +302,10 @@ class TrainableCopy(nn.Module):
     """A module trained in full (PEFT's ``modules_to_save``): a trainable fp32 copy beside the
     frozen original, so disabling the adapter gives back the base model."""
 
+    is_adapter_wrapper = True
+
     def __init__(self, original_module: nn.Module):
         super().__init__()
-        import copy
-
         if isinstance(original_module, NF4Linear):
             raise TypeError("modules_to_save: a 4-bit NF4Linear cannot be trained in full; leave it out of "
                             "modules_to_save (or load the model without quantisation)")

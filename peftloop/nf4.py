@@ -40,6 +40,7 @@ from peftloop.kernels.nf4 import (
     dynamic_code,
     nf4_code,
 )
+from peftloop.modules import adapter_internals, matches, output_head_names, replace_module
 
 QUANTIZATION_METHODS = ("nf4",)
 # Elements quantised at a time: bounds the temporaries (a few fp32 copies of a chunk) to ~1 MB
@@ -207,10 +208,8 @@ def quantizable_linears(model: nn.Module, skip: list[str] | tuple[str, ...] = ()
     (kept in full precision, as QLoRA and bitsandbytes' ``llm_int8_skip_modules`` do), ``skip``
     (exact names or '.'-suffixes) and the adapters' own layers (lora_A, lora_B, trained copies);
     the frozen ``base_layer`` of a LoRA layer is quantised."""
-    from peftloop.inject import _adapter_internals, matches, output_head_names
-
     heads = output_head_names(model)
-    adapters = {name for name in _adapter_internals(model) if not name.endswith(".base_layer")}
+    adapters = {name for name in adapter_internals(model) if not name.endswith(".base_layer")}
     in_head = lambda name: any(name == h or name.startswith(h + ".") for h in heads)  # noqa: E731
     return [name for name, m in model.named_modules()
             if type(m) is nn.Linear and not in_head(name) and name not in adapters and not matches(name, list(skip))]
@@ -223,21 +222,17 @@ def quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = T
     Each weight is quantised and dropped before the next, so the peak is the model plus one
     layer's fp32 temporaries. To load a checkpoint straight into 4 bits without ever holding
     it in full precision, use ``load_pretrained(..., quantization="nf4")``."""
-    from peftloop.inject import _replace
-
     for name in quantizable_linears(model, skip):
-        _replace(model, name, NF4Linear.from_linear(model.get_submodule(name), blocksize, double_quant, name=name))
+        replace_module(model, name, NF4Linear.from_linear(model.get_submodule(name), blocksize, double_quant, name=name))
     return model
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every ``NF4Linear`` by a plain ``nn.Linear`` (in ``dtype``, default each layer's
     ``weight_dtype``), in place. The values are dequant(W4), not the weights before quantisation."""
-    from peftloop.inject import _replace
-
     for name, module in list(model.named_modules()):
         if isinstance(module, NF4Linear):
-            _replace(model, name, module.to_linear(dtype))
+            replace_module(model, name, module.to_linear(dtype))
     return model
 
 

@@ -22,9 +22,18 @@ What is read, and where from (the same rules as transformers' fast tokenizers):
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 from typing import Any
+
+import jinja2
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as Backend
+from tokenizers import processors
+
+from peftloop.hub import resolve_model
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -38,8 +47,6 @@ class Tokenizer:
 
     def __init__(self, backend, config: dict[str, Any] | None = None, chat_template: str | None = None,
                  generation_eos: list[int] | None = None, source: str = "tokenizer"):
-        from tokenizers import processors
-
         self.backend = backend
         self.source = source
         config = config or {}
@@ -66,10 +73,6 @@ class Tokenizer:
     def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None,
                         cache_dir: str | Path | None = None) -> "Tokenizer":
         """Read a tokenizer from a model folder or hub id (only the tokenizer files are fetched)."""
-        from tokenizers import Tokenizer as Backend
-
-        from peftloop.hub import resolve_model
-
         folder = resolve_model(name_or_path, revision=revision, cache_dir=cache_dir, weights=False)
         path = folder / "tokenizer.json"
         if not path.is_file():
@@ -158,8 +161,6 @@ class Tokenizer:
         variables = {**special, "additional_special_tokens": self.additional_special_tokens, **kwargs}
         # as transformers does: keys whose value is None are dropped from each message
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
-        import jinja2
-
         try:
             return _compiled(self.chat_template).render(
                 messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None,
@@ -226,13 +227,6 @@ def _compiled(source: str):
     """The template compiled once, in a sandbox configured as transformers configures it."""
     if source in _TEMPLATES:
         return _TEMPLATES[source]
-    try:
-        import jinja2
-        from jinja2.ext import Extension, loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        raise TokenizerError("chat templates need Jinja2: pip install jinja2") from None
-    import datetime
 
     class GenerationBlock(Extension):
         """``{% generation %}...{% endgeneration %}`` (transformers marks assistant text with it): render the body."""

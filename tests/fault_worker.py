@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import peftloop.callbacks  # noqa: E402
 import peftloop.checkpoint as ckpt  # noqa: E402
+import peftloop.files as files  # noqa: E402
 from peftloop.config import LoraConfig, TrainConfig  # noqa: E402
 from peftloop.inject import inject_lora  # noqa: E402
 from peftloop.train import train  # noqa: E402
@@ -84,17 +85,17 @@ def install(point: str) -> None:
     elif kind == "optimizer":  # after backward, before the update
         torch.optim.AdamW.step = nth_call(n, lambda *a, **k: die())(torch.optim.AdamW.step)
     elif kind == "save_file":  # mid-save: a torn safetensors file
-        ckpt.save_file = nth_call(n, partial_write_then_die(1))(ckpt.save_file)
+        files.save_file = nth_call(n, partial_write_then_die(1))(files.save_file)
     elif kind == "json":  # mid-save: a torn JSON file
-        ckpt._write_json = nth_call(n, partial_write_then_die(0))(ckpt._write_json)
+        ckpt.write_json = nth_call(n, partial_write_then_die(0))(ckpt.write_json)
     elif kind == "manifest":  # everything written but the manifest
         ckpt._write_manifest = nth_call(n, lambda *a, **k: die())(ckpt._write_manifest)
     elif kind == "fsync":  # written and manifested, not yet synced or renamed
-        ckpt._fsync_tree = nth_call(n, lambda *a, **k: die())(ckpt._fsync_tree)
+        files._fsync_tree = nth_call(n, lambda *a, **k: die())(files._fsync_tree)
     elif kind == "rename":  # between the temporary folder being complete and its rename
-        ckpt.os.rename = nth_call(n, lambda *a, **k: die())(ckpt.os.rename)
+        files.os.rename = nth_call(n, lambda *a, **k: die())(files.os.rename)
     elif kind == "renamed":  # just after a rename
-        real = ckpt.os.rename
+        real = files.os.rename
         count = {"calls": 0}
 
         def rename_then_die(src, dst):
@@ -102,7 +103,7 @@ def install(point: str) -> None:
             count["calls"] += 1
             if count["calls"] == n:
                 die()
-        ckpt.os.rename = rename_then_die
+        files.os.rename = rename_then_die
     elif kind == "rotate":  # deleting an old checkpoint: one file gone, then death
         def half_delete(path, *a, **k):
             files = sorted(Path(path).iterdir())

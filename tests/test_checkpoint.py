@@ -4,20 +4,25 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from peftloop.checkpoint import (CheckpointError, atomic_directory, latest_checkpoint, load_adapter,
-                                 read_adapter_config, save_adapter, verify_manifest)
-from peftloop.config import LoraConfig
-from peftloop.inject import adapter_state_dict, inject_lora, lora_layers
-from tests.helpers import tiny_model
+from peftloop.adapter_format import adapter_state_dict
+from peftloop.checkpoint import (
+    CheckpointError,
+    atomic_directory,
+    latest_checkpoint,
+    load_adapter,
+    read_adapter_config,
+    save_adapter,
+    verify_manifest,
+)
+from peftloop.inject import lora_layers
+from tests.helpers import lora_model, tiny_model
 
 
 def adapted(seed=0, **lora):
-    model = tiny_model()
-    torch.manual_seed(seed)
-    inject_lora(model, LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
-                                     "init_lora_weights": False, **lora}))
-    return model
+    """tiny_model() with a random LoRA (drawn from ``seed``) on q_proj and v_proj."""
+    return lora_model(adapter_seed=seed, **{"target_modules": ["q_proj", "v_proj"], **lora})
 
 
 def test_round_trip_into_a_fresh_model(tmp_path):
@@ -110,11 +115,41 @@ def test_adapter_config_that_is_not_json(tmp_path):
 
 
 def test_minimal_peft_config_loads(tmp_path):
-    """torchtune writes only r, lora_alpha, target_modules, peft_type; PEFT accepts it, so do we."""
-    save_adapter(adapted(), tmp_path / "a")
-    (tmp_path / "a" / "adapter_config.json").write_text(
+    """torchtune writes only r, lora_alpha, target_modules, peft_type; PEFT accepts it, so do we: the
+    tensors written arrive, exactly, in the modules the keys name, and every other setting is PEFT's
+    default (so the adapter computes W + alpha/r · B·A, no dropout, no DoRA, no rsLoRA)."""
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(
         json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}))
-    load_adapter(tiny_model(), tmp_path / "a")
+    base = tiny_model()
+    modules = [f"model.layers.{i}.self_attn.{proj}" for i in range(2) for proj in ("q_proj", "v_proj")]
+    written = {}
+    for k, module in enumerate(modules):
+        out_features, in_features = base.get_submodule(module).weight.shape
+        written[module] = (torch.arange(4 * in_features).reshape(4, in_features) / 64 - k,  # A: [r, in]
+                           torch.arange(out_features * 4).reshape(out_features, 4) / 32 + k)  # B: [out, r]
+    save_file({f"base_model.model.{m}.lora_{ab}.weight": t for m, pair in written.items() for ab, t in zip("AB", pair)},
+              folder / "adapter_model.safetensors", metadata={"format": "pt"})
+
+    model = load_adapter(tiny_model(), folder)
+
+    assert sorted(lora_layers(model)) == sorted(modules)
+    for module, (A, B) in written.items():
+        layer = lora_layers(model)[module]
+        assert torch.equal(layer.lora_A.weight, A) and torch.equal(layer.lora_B.weight, B), module
+        assert (layer.r, layer.scaling, layer.use_dora) == (4, 2.0, False), module
+    defaults = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, bias="none",
+                    use_rslora=False, use_dora=False, modules_to_save=None, fan_in_fan_out=False,
+                    init_lora_weights=True, rank_pattern={}, alpha_pattern={})
+    for config in (read_adapter_config(folder), model.lora_config):
+        assert {k: getattr(config, k) for k in defaults} == defaults
+    # and the model computes with them: the base weights plus alpha/r · B·A
+    with torch.no_grad():
+        for module, (A, B) in written.items():
+            base.get_submodule(module).weight += 2.0 * B @ A
+    x = torch.randint(0, 61, (2, 7))
+    torch.testing.assert_close(model.eval()(x), base.eval()(x), rtol=1e-5, atol=1e-5)
 
 
 def test_manifest_detects_damage_and_latest_skips_it(tmp_path):

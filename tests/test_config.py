@@ -3,7 +3,8 @@
 import pytest
 
 from peftloop.cli import SCHEMA
-from peftloop.config import ConfigError, LoraConfig, TrainConfig, build, load_toml, parse_overrides
+from peftloop.config import ConfigError, LoraConfig, TrainConfig
+from peftloop.config_io import build, load_toml, parse_overrides
 
 
 def test_overrides_are_typed_by_the_field():
@@ -70,7 +71,26 @@ def test_toml_and_unknown_keys(tmp_path):
         load_toml(tmp_path / "missing.toml")
 
 
-def test_lora_scaling_for_patterns():
-    config = LoraConfig(r=8, lora_alpha=16, rank_pattern={"v_proj": 4}, use_rslora=True)
-    assert config.scaling_for("model.layers.0.self_attn.q_proj") == (8, 16 / 8**0.5)
-    assert config.scaling_for("model.layers.0.self_attn.v_proj") == (4, 16 / 2)
+def test_rank_and_alpha_patterns():
+    config = LoraConfig(r=8, lora_alpha=16, rank_pattern={"v_proj": 4}, alpha_pattern={"k_proj": 3.0})
+    assert config.rank_and_alpha_for("model.layers.0.self_attn.q_proj") == (8, 16)
+    assert config.rank_and_alpha_for("model.layers.0.self_attn.v_proj") == (4, 16)
+    assert config.rank_and_alpha_for("model.layers.0.self_attn.k_proj") == (8, 3.0)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_each_layer_reports_the_alpha_and_scaling_it_computes_with(use_rslora):
+    """The layer computes its scaling from its own r and alpha: a module matched by alpha_pattern
+    or rank_pattern reports that alpha and r, and the scaling follows from them."""
+    from peftloop.inject import inject_lora, lora_layers
+    from tests.helpers import tiny_model
+
+    config = LoraConfig(r=8, lora_alpha=16, rank_pattern={"v_proj": 4}, alpha_pattern={"k_proj": 3.0},
+                        use_rslora=use_rslora, target_modules=["q_proj", "k_proj", "v_proj"])
+    layers = lora_layers(inject_lora(tiny_model(), config))
+    norm = (lambda r: r**0.5) if use_rslora else (lambda r: r)
+    expected = {"q_proj": (8, 16, 16 / norm(8)), "k_proj": (8, 3.0, 3.0 / norm(8)), "v_proj": (4, 16, 16 / norm(4))}
+    for name, layer in layers.items():
+        r, alpha, scaling = expected[name.rsplit(".", 1)[-1]]
+        assert (layer.r, layer.lora_alpha, layer.use_rslora) == (r, alpha, use_rslora), name
+        assert layer.scaling == pytest.approx(scaling), name

@@ -4,17 +4,20 @@ with PEFT's DoRA (logits and gradients) through adapter files in both directions
 import pytest
 import torch
 import torch.nn.functional as F
-from peftloop.kernels.lora_linear import dropout_mask_like
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from peftloop.adapter_format import adapter_state_dict
 from peftloop.checkpoint import load_adapter, save_adapter
 from peftloop.config import LoraConfig, TrainConfig
-from peftloop.inject import adapter_state_dict, inject_lora, lora_layers, merge_and_unload
+from peftloop.inject import inject_lora, lora_layers, merge_and_unload
+from peftloop.kernels.lora_linear import dropout_mask_like
 from peftloop.lora import LoRALinear
 from peftloop.nf4 import NF4Linear
 from peftloop.optim import param_groups
-from tests.helpers import tiny_model
+from tests.helpers import TOKENS, our_name, tiny_model
+from tests.helpers import base_dir as base_dir  # fixture
+from tests.hf_builders import load_reference
 
 
 def dora_layer(in_f=24, out_f=16, r=4, dropout=0.0, bias=True, quantized=False, seed=0):
@@ -116,24 +119,6 @@ def test_magnitude_is_saved_under_peft_key_and_is_a_fast_decayed_loraplus_parame
 # PEFT
 
 
-@pytest.fixture
-def base_dir(tmp_path):
-    pytest.importorskip("peft", reason="the 'ref' extra (peft) is not installed")
-    from peftloop.models import save_pretrained
-
-    save_pretrained(tiny_model(seed=7), tmp_path / "base")
-    return tmp_path / "base"
-
-
-TOKENS = torch.tensor([[1, 5, 9, 33, 2, 17, 8, 60, 4], [1, 44, 3, 3, 12, 50, 21, 7, 2]])
-
-
-def _hf(base_dir):
-    import transformers
-
-    return transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-
-
 def _perturb_magnitudes(model):
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -144,16 +129,11 @@ def _perturb_magnitudes(model):
 def _grads_by_our_name(model, logits, g):
     """{peftloop parameter name: gradient}; PEFT's names lose the prefix and the adapter name."""
     (logits * g).sum().backward()
-    out = {}
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            name = name.removeprefix("base_model.model.").replace(".default", "")
-            out[name.removesuffix(".weight") if "lora_magnitude_vector" in name else name] = p.grad
-    return out
+    return {our_name(name): p.grad for name, p in model.named_parameters() if p.grad is not None}
 
 
 def test_peftloop_dora_loads_in_peft_with_equal_logits_and_gradients(tmp_path, base_dir):
-    import peft
+    peft = pytest.importorskip("peft", reason="the 'ref' extra (peft) is not installed")
 
     from peftloop.models import load_pretrained
 
@@ -163,11 +143,11 @@ def test_peftloop_dora_loads_in_peft_with_equal_logits_and_gradients(tmp_path, b
                                  use_dora=True))
     _perturb_magnitudes(ours)
     save_adapter(ours, tmp_path / "adapter")
-    theirs = peft.PeftModel.from_pretrained(_hf(base_dir), tmp_path / "adapter", is_trainable=True)
+    theirs = peft.PeftModel.from_pretrained(load_reference(base_dir), tmp_path / "adapter", is_trainable=True)
     ours.train(), theirs.train()  # no dropout: train mode runs DoRA's training path on both sides
     logits = ours(TOKENS)
     their_logits = theirs(TOKENS).logits
-    assert (logits - _hf(base_dir)(TOKENS).logits).abs().max() > 1e-2  # the adapter does something
+    assert (logits - load_reference(base_dir)(TOKENS).logits).abs().max() > 1e-2  # the adapter does something
     torch.testing.assert_close(their_logits, logits, rtol=0, atol=1e-5)
     g = torch.randn_like(logits)
     ours_grads, their_grads = _grads_by_our_name(ours, logits, g), _grads_by_our_name(theirs, their_logits, g)
@@ -178,14 +158,14 @@ def test_peftloop_dora_loads_in_peft_with_equal_logits_and_gradients(tmp_path, b
 
 
 def test_peft_dora_loads_in_peftloop_with_equal_logits(tmp_path, base_dir):
-    import peft
+    peft = pytest.importorskip("peft", reason="the 'ref' extra (peft) is not installed")
 
     from peftloop.models import load_pretrained
 
     torch.manual_seed(2)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
                              init_lora_weights=False, use_dora=True, task_type="CAUSAL_LM")
-    theirs = peft.get_peft_model(_hf(base_dir), config)
+    theirs = peft.get_peft_model(load_reference(base_dir), config)
     _perturb_magnitudes(theirs)
     theirs.save_pretrained(tmp_path / "adapter")
     from safetensors import safe_open
@@ -198,4 +178,4 @@ def test_peft_dora_loads_in_peftloop_with_equal_logits(tmp_path, base_dir):
     # and the magnitudes arrived: the default init (the row norms) would give other logits
     merged = merge_and_unload(ours)
     torch.testing.assert_close(merged(TOKENS), theirs(TOKENS).logits, rtol=0, atol=1e-4)
-    assert F.mse_loss(merged(TOKENS), _hf(base_dir)(TOKENS).logits) > 1e-4
+    assert F.mse_loss(merged(TOKENS), load_reference(base_dir)(TOKENS).logits) > 1e-4

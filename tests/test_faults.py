@@ -11,12 +11,13 @@ import pytest
 import torch
 
 import peftloop.checkpoint as ckpt
+from peftloop.adapter_format import adapter_state_dict
 from peftloop.callbacks import Callback
-from peftloop.checkpoint import CheckpointError, list_checkpoints, recover_interrupted_writes, verify_manifest
-from peftloop.config import LoraConfig, TrainConfig
-from peftloop.inject import adapter_state_dict, inject_lora
+from peftloop.checkpoint import CheckpointError, list_checkpoints, verify_manifest
+from peftloop.config import TrainConfig
+from peftloop.files import recover_interrupted_writes
 from peftloop.train import NonFiniteError, train
-from tests.helpers import tiny_model, toy_examples
+from tests.helpers import lora_model, toy_examples
 
 WORKER = Path(__file__).with_name("fault_worker.py")
 
@@ -33,13 +34,6 @@ def test_kill_anywhere_then_resume_equals_the_uninterrupted_run(tmp_path):
     # the kill points cover a fresh start, mid-run resumes and the end of the run
     resumed_from = {r["resumed_from"] for r in reports}
     assert None in resumed_from and len(resumed_from) >= 4
-
-
-def lora_model():
-    model = tiny_model()
-    torch.manual_seed(0)
-    inject_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
-    return model
 
 
 def config(tmp_path, **kw):

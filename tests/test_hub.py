@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from peftloop.hub import ModelNotFoundError, resolve_model
-from peftloop.models import CheckpointFormatError, load_pretrained, save_pretrained
+from peftloop.models import CheckpointFormatError, load_pretrained, safetensors_io, save_pretrained
 from peftloop.tokenizer import Tokenizer
 from tests.helpers import tiny_model
 from tests.hf_builders import install_in_hub_cache, save_tokenizer_files
@@ -174,9 +174,7 @@ def test_missing_and_broken_files(folder):
 def test_conversion_through_a_small_buffer_rounds_like_to(folder, monkeypatch):
     """An fp32 file loaded as bf16 goes through a buffer (here 1 KiB, so every matrix takes many
     chunks); the result is exactly tensor.to(bf16)."""
-    import peftloop.models
-
-    monkeypatch.setattr(peftloop.models, "CONVERSION_CHUNK_BYTES", 1022)  # not a multiple of 4 either
+    monkeypatch.setattr(safetensors_io, "CONVERSION_CHUNK_BYTES", 1022)  # not a multiple of 4 either
     reference = load_file(folder / "model.safetensors")
     loaded = load_pretrained(folder, dtype="bf16").state_dict()
     for key, tensor in reference.items():

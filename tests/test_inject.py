@@ -5,8 +5,9 @@ import torch
 import torch.nn as nn
 
 from peftloop.config import LoraConfig
-from peftloop.inject import (adapter_state_dict, count_parameters, disable_adapters, inject_lora,
-                             load_adapter_state_dict, lora_layers, matches, merge_and_unload, unload)
+from peftloop.adapter_format import adapter_state_dict, load_adapter_state_dict
+from peftloop.inject import count_parameters, disable_adapters, inject_lora, lora_layers, merge_and_unload, unload
+from peftloop.modules import matches
 from peftloop.lora import LoRALinear, TrainableCopy
 from tests.helpers import tiny_model
 

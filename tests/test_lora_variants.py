@@ -7,23 +7,22 @@ import pytest
 import torch
 import torch.nn as nn
 
+from peftloop.adapter_format import (
+    adapter_state_dict,
+    from_adapter_config,
+    load_adapter_state_dict,
+    to_adapter_config,
+)
 from peftloop.checkpoint import load_adapter, save_adapter
 from peftloop.config import ConfigError, LoraConfig, TrainConfig
-from peftloop.inject import (
-    adapter_state_dict,
-    disable_adapters,
-    inject_lora,
-    load_adapter_state_dict,
-    lora_layers,
-    merge_and_unload,
-    unload,
-)
+from peftloop.inject import disable_adapters, inject_lora, lora_layers, merge_and_unload, unload
 from peftloop.lora import LoRALinear
 from peftloop.nf4 import NF4Linear, quantize_model
 from peftloop.optim import build_optimizer, param_groups
-from tests.helpers import tiny_model
+from tests.helpers import TOKENS, our_name, tiny_model
+from tests.helpers import base_dir as base_dir  # fixture
+from tests.hf_builders import load_reference
 
-TOKENS = torch.tensor([[1, 5, 9, 33, 2, 17, 8, 60, 4], [1, 44, 3, 3, 12, 50, 21, 7, 2]])
 INITS = ["pissa", "pissa_niter_4", "olora"]
 
 
@@ -97,10 +96,10 @@ def test_saved_as_a_rank_2r_lora_that_loads_onto_the_original_model():
     key = "base_model.model.model.layers.0.self_attn.q_proj"
     assert tensors[f"{key}.lora_A.weight"].shape == (8, 32) and tensors[f"{key}.lora_B.weight"].shape == (32, 8)
     assert tensors["base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"].shape[0] == 4
-    config = model.lora_config.to_adapter_config()
+    config = to_adapter_config(model.lora_config)
     assert (config["r"], config["lora_alpha"], config["init_lora_weights"], config["rank_pattern"]) == \
         (8, 16, True, {"v_proj": 4})
-    plain = inject_lora(original, LoraConfig.from_adapter_config(config))
+    plain = inject_lora(original, from_adapter_config(config))
     load_adapter_state_dict(plain, tensors)
     torch.testing.assert_close(plain(TOKENS), model(TOKENS), rtol=0, atol=1e-5)
 
@@ -167,7 +166,7 @@ def test_config_validation():
     assert LoraConfig(init_lora_weights="pissa_niter_16").mutates_base
     assert not LoraConfig(init_lora_weights="gaussian").mutates_base
     rs = LoraConfig(r=8, lora_alpha=16, use_rslora=True, init_lora_weights="olora", alpha_pattern={"q_proj": 4.0})
-    written = rs.to_adapter_config()
+    written = to_adapter_config(rs)
     assert written["r"] == 16 and written["lora_alpha"] == pytest.approx(16 * 2**0.5)
     assert written["lora_alpha"] / written["r"] ** 0.5 == pytest.approx(16 / 8**0.5)  # the same scaling
     assert written["alpha_pattern"]["q_proj"] == pytest.approx(4 * 2**0.5)
@@ -177,26 +176,11 @@ def test_config_validation():
 # PEFT: the same init on the same weights, and the converted adapter on the original model
 
 
-@pytest.fixture
-def base_dir(tmp_path):
-    pytest.importorskip("peft", reason="the 'ref' extra (peft) is not installed")
-    from peftloop.models import save_pretrained
-
-    save_pretrained(tiny_model(seed=7), tmp_path / "base")
-    return tmp_path / "base"
-
-
-def _hf(base_dir):
-    import transformers
-
-    return transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-
-
 @pytest.mark.parametrize("init", INITS)
 @pytest.mark.parametrize("extra", [{}, {"use_dora": True}, {"use_rslora": True, "rank_pattern": {"v_proj": 2}}],
                          ids=["lora", "dora", "rslora_patterns"])
 def test_peft_inits_the_same_and_loads_our_saved_adapter_onto_the_original_base(tmp_path, base_dir, init, extra):
-    import peft
+    peft = pytest.importorskip("peft", reason="the 'ref' extra (peft) is not installed")
 
     from peftloop.models import load_pretrained
 
@@ -204,22 +188,20 @@ def test_peft_inits_the_same_and_loads_our_saved_adapter_onto_the_original_base(
     ours = inject_lora(load_pretrained(base_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                               init_lora_weights=init, **extra))
     torch.manual_seed(0)
-    theirs = peft.get_peft_model(_hf(base_dir), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+    theirs = peft.get_peft_model(load_reference(base_dir), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                                  init_lora_weights=init, task_type="CAUSAL_LM",
                                                                  **extra))
     our_params = dict(ours.named_parameters())
     for name, p in theirs.named_parameters():  # PEFT's A, B (and magnitudes) from the same SVD/QR
         if p.requires_grad:
-            ours_name = name.removeprefix("base_model.model.").replace(".default", "")
-            ours_name = ours_name.removesuffix(".weight") if "magnitude" in ours_name else ours_name
-            torch.testing.assert_close(our_params[ours_name], p, rtol=0, atol=1e-6, msg=name)
+            torch.testing.assert_close(our_params[our_name(name)], p, rtol=0, atol=1e-6, msg=name)
     _train_a_little(ours)
     save_adapter(ours, tmp_path / "adapter")
     written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert written["r"] == 8 and written["init_lora_weights"] is True
-    loaded = peft.PeftModel.from_pretrained(_hf(base_dir), tmp_path / "adapter").eval()
+    loaded = peft.PeftModel.from_pretrained(load_reference(base_dir), tmp_path / "adapter").eval()
     expected = ours.eval()(TOKENS)
-    assert (expected - _hf(base_dir)(TOKENS).logits).abs().max() > 1e-2  # training moved it
+    assert (expected - load_reference(base_dir)(TOKENS).logits).abs().max() > 1e-2  # training moved it
     torch.testing.assert_close(loaded(TOKENS).logits, expected, rtol=0, atol=1e-5)
 
 
@@ -233,15 +215,8 @@ def _peft_groups(model, lr, ratio, weight_decay):
 
     optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio,
                                           loraplus_weight_decay=weight_decay)
-    names = {id(p): n.removeprefix("base_model.model.").replace(".default", "") for n, p in model.named_parameters()}
-    out = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            name = names[id(p)]
-            name = name.removesuffix(".weight") if "magnitude" in name else name
-            name = name.replace("modules_to_save.", "modules_to_save.")
-            out[name] = (group["lr"], group["weight_decay"])
-    return out
+    names = {id(p): our_name(n) for n, p in model.named_parameters()}
+    return {names[id(p)]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
 
 
 def _our_groups(model, lr, ratio, weight_decay):
@@ -252,16 +227,15 @@ def _our_groups(model, lr, ratio, weight_decay):
 
 
 def test_loraplus_groups_are_peft_create_loraplus_optimizer_groups(base_dir):
-    import peft
+    peft = pytest.importorskip("peft", reason="the 'ref' extra (peft) is not installed")
 
     from peftloop.models import load_pretrained
 
     config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True,
                   modules_to_save=["lm_head"])
     ours = inject_lora(load_pretrained(base_dir), LoraConfig(**config))
-    theirs = peft.get_peft_model(_hf(base_dir), peft.LoraConfig(task_type="CAUSAL_LM", **config))
-    theirs_groups = {n.replace(".modules_to_save.default.", ".modules_to_save."): v
-                     for n, v in _peft_groups(theirs, 2e-4, 16.0, 0.05).items()}
+    theirs = peft.get_peft_model(load_reference(base_dir), peft.LoraConfig(task_type="CAUSAL_LM", **config))
+    theirs_groups = _peft_groups(theirs, 2e-4, 16.0, 0.05)
     assert _our_groups(ours, 2e-4, 16.0, 0.05) == theirs_groups
     kinds = {name.split(".")[-2] if "magnitude" not in name else "m": lr for name, (lr, _) in theirs_groups.items()}
     assert kinds["lora_B"] == pytest.approx(16 * kinds["lora_A"]) and kinds["m"] == kinds["lora_B"]
