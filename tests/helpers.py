@@ -151,6 +151,18 @@ def save_chat_base(folder: Path, **config) -> Path:
     return Path(folder)
 
 
+def save_demo_base(folder: Path, seed: int = 0) -> Path:
+    """The built-in demo's base model and tokenizer, as ``peftloop train`` (the demo) writes them."""
+    from peftloop.demo import base_config, build_tokenizer, save_tokenizer
+
+    tokenizer = build_tokenizer()
+    model = LlamaForCausalLM(base_config(tokenizer.get_vocab_size()))
+    model.init_weights(torch.Generator().manual_seed(seed))
+    save_pretrained(model, folder)
+    save_tokenizer(tokenizer, folder)
+    return Path(folder)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     """peftloop's Tokenizer of a ChatML-style tokenizer.json trained on hf_builders.PARAGRAPHS."""

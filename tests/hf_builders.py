@@ -54,7 +54,8 @@ LLAMA3_TEMPLATE = (
 INST_TEMPLATE = (
     "{{- bos_token }}{%- for message in messages %}"
     "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif %}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif %}"
     "{%- if message['role'] == 'user' %}{{- '[INST] ' + message['content'] + ' [/INST]' }}"
     "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}{%- endif %}"
     "{%- endfor %}"
@@ -65,27 +66,32 @@ TOKENIZER_STYLES = {
     "llama2": (["<unk>", "<s>", "</s>"],
                {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
                 "add_bos_token": True, "add_eos_token": False}, INST_TEMPLATE, "<s>"),
-    "llama3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-               {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}, LLAMA3_TEMPLATE, "<|begin_of_text|>"),
+    "llama3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                "<|eot_id|>"],
+               {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}, LLAMA3_TEMPLATE,
+               "<|begin_of_text|>"),
     "chatml": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-               {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, CHATML_TEMPLATE, None),
+               {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, CHATML_TEMPLATE,
+               None),
 }
 
-SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=64, rms_norm_eps=1e-5)
+SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
 # family name -> (model_type, tokenizer style, config overrides)
 FAMILIES = {
     "llama": ("llama", "llama2", {}),
     "llama-bias": ("llama", "llama2", dict(attention_bias=True, mlp_bias=True)),
-    "llama3": ("llama", "llama3", dict(rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
-                                                             low_freq_factor=1.0, high_freq_factor=4.0,
+    "llama3": ("llama", "llama3", dict(rope_parameters=dict(rope_type="llama3", rope_theta=500000.0,
+                                                             factor=8.0, low_freq_factor=1.0,
+                                                             high_freq_factor=4.0,
                                                              original_max_position_embeddings=8))),
     "smollm": ("llama", "chatml", dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=1,
                                        tie_word_embeddings=True)),
     "tinyllama": ("llama", "llama2", dict(num_attention_heads=8, num_key_value_heads=1)),
     "mistral": ("mistral", "llama2", dict(sliding_window=5)),
     "qwen2": ("qwen2", "chatml", dict(tie_word_embeddings=True)),
-    "qwen2-sliding": ("qwen2", "chatml", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    "qwen2-sliding": ("qwen2", "chatml", dict(use_sliding_window=True, sliding_window=4,
+                                              max_window_layers=1)),
     "qwen3": ("qwen3", "chatml", dict(head_dim=24, tie_word_embeddings=True)),
     "qwen3-bias": ("qwen3", "chatml", dict(head_dim=16, attention_bias=True)),
 }
@@ -117,7 +123,8 @@ def train_tokenizer(style: str, vocab_size: int = 320):
     if bos_in_json:
         bos_id = tokenizer.token_to_id(bos_in_json)
         tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos_in_json} $A", pair=f"{bos_in_json} $A {bos_in_json} $B", special_tokens=[(bos_in_json, bos_id)])
+            single=f"{bos_in_json} $A", pair=f"{bos_in_json} $A {bos_in_json} $B",
+            special_tokens=[(bos_in_json, bos_id)])
     return tokenizer
 
 
@@ -189,7 +196,8 @@ def load_reference(folder: Path, dtype: torch.dtype = torch.float32):
     """transformers' own model for a checkpoint folder, eager attention (the most literal reference)."""
     import transformers
 
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager").eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, attn_implementation="eager").eval()
 
 
 # ---------------------------------------------------------------------------------------------

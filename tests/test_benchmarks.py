@@ -65,7 +65,8 @@ def test_summary_and_table_take_their_ratios_from_the_runs():
     assert summary["ratio"]["peak_rss"] == pytest.approx(520 / 1010)
     assert summary["peftloop"]["spread"] == pytest.approx(0.2)
     results = {"date": "2026-01-01", "machine": "m", "torch": "t", "threads": 2, "load_before": 0.1,
-               "load_after": 0.2, "gemm_peak": {"fp32": 100.0, "bf16": 10.0}, "configs": {"small/fp32": summary}}
+               "load_after": 0.2, "gemm_peak": {"fp32": 100.0, "bf16": 10.0},
+               "configs": {"small/fp32": summary}}
     table = markdown(results, "python -m benchmarks.compare")
     assert "**1.83x**" in table and "**0.51x**" in table and "`python -m benchmarks.compare`" in table
     json.dumps(results)  # the results file is JSON
@@ -74,10 +75,11 @@ def test_summary_and_table_take_their_ratios_from_the_runs():
 @pytest.mark.parametrize("name", MODULES)
 def test_every_benchmark_runs_as_a_module_and_answers_help(name):
     source = (ROOT / "benchmarks" / f"{name}.py").read_text()
-    assert "sys.path" not in source, f"benchmarks/{name}.py edits sys.path: it runs as python -m benchmarks.{name}"
+    assert "sys.path" not in source, (f"benchmarks/{name}.py edits sys.path: it runs as "
+                                      f"python -m benchmarks.{name}")
     assert 'if __name__ == "__main__":' in source
-    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--help"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, check=False)
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("usage: ")
 
@@ -88,12 +90,14 @@ def test_result_files_are_named_benchmark_machine_date():
     for name in names:
         match = RESULT_NAME.match(name)
         assert match, f"benchmarks/results/{name} is not <benchmark>-<machine>-<YYYY-MM-DD>.<json|md|png>"
-        assert match["benchmark"] in MODULES, f"benchmarks/results/{name}: no benchmark {match['benchmark']!r}"
+        assert match["benchmark"] in MODULES, (f"benchmarks/results/{name}: no benchmark "
+                                               f"{match['benchmark']!r}")
 
 
 def test_write_results_writes_json_and_markdown_beside_it(tmp_path):
     records = [{"variant": "a", "seconds": 1.5}, {"variant": "b", "seconds": 0.25}]
-    table = markdown_table(["variant", "seconds"], [(r["variant"], f"{r['seconds']:.2f}") for r in records], "lr")
+    rows = [(r["variant"], f"{r['seconds']:.2f}") for r in records]
+    table = markdown_table(["variant", "seconds"], rows, "lr")
     assert table[:2] == ["| variant | seconds |", "|---|---:|"]
     stem = write_results("ce_memory", records, title="A title", body=["Some prose.", "", *table],
                          meta={"method": "m"}, machine_name="Some CPU, 2 CPUs, AVX2", date="2026-01-02",
@@ -106,5 +110,6 @@ def test_write_results_writes_json_and_markdown_beside_it(tmp_path):
     assert data["date"] == "2026-01-02" and data["command"].startswith("python -m benchmarks.ce_memory")
     assert data["method"] == "m" and data["records"] == records and "torch" in data
     md = stem.with_suffix(".md").read_text().splitlines()
-    assert md[0] == "# A title" and "Some CPU, 2 CPUs, AVX2" in md[2] and "`python -m benchmarks.ce_memory" in md[2]
+    assert md[0] == "# A title"
+    assert "Some CPU, 2 CPUs, AVX2" in md[2] and "`python -m benchmarks.ce_memory" in md[2]
     assert md[-5:] == ["", *table]

@@ -27,19 +27,21 @@ def test_train_evaluates_saves_and_generate_shows_the_adapter(base, data, tmp_pa
     out = tmp_path / "run"
     assert main(["train", "--model", str(base), "--data", str(data), "--output-dir", str(out),
                  "--max_steps", "24", "--micro_batch_size", "4", "--learning_rate", "1e-2", "--r", "8",
-                 "--lora_alpha", "16", "--eval_split", "0.25", "--eval_every", "12", "--progress_bar", "false"]) == 0
+                 "--lora_alpha", "16", "--eval_split", "0.25", "--eval_every", "12",
+                 "--progress_bar", "false"]) == 0
     printed = capsys.readouterr().out
     assert "records -> " in printed and "eval loss" in printed and "adapter (PEFT format)" in printed
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "eval_loss" in r] == [12, 24]
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(base)
-    assert adapter_config["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                       "down_proj"])  # the CLI's default: all-linear
+    all_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert adapter_config["target_modules"] == sorted(all_linear)  # the CLI's default
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
     prompts = [f"Q: {q}\nA:" for q, _ in QA]
-    argv = ["generate", "--model", str(base), "--adapter", str(out / "adapter"), "--compare", "--max-new-tokens", "10"]
+    argv = ["generate", "--model", str(base), "--adapter", str(out / "adapter"), "--compare",
+            "--max-new-tokens", "10"]
     assert main(argv + [arg for p in prompts for arg in ("--prompt", p)]) == 0
     printed = capsys.readouterr().out
     for _, answer in QA:
@@ -51,18 +53,22 @@ def test_a_toml_config_with_model_and_data_sections(base, data, tmp_path):
     config = tmp_path / "run.toml"
     config.write_text(f'[model]\nname_or_path = "{base}"\ndtype = "fp32"\n'
                       f'[data]\ntrain_file = "{data}"\npacking = true\nmax_seq_len = 64\n'
-                      '[train]\nmax_steps = 2\nprogress_bar = false\n[lora]\nr = 2\ntarget_modules = ["q_proj"]\n')
+                      '[train]\nmax_steps = 2\nprogress_bar = false\n'
+                      '[lora]\nr = 2\ntarget_modules = ["q_proj"]\n')
     assert main(["train", "--config", str(config), "--output-dir", str(tmp_path / "o")]) == 0
     saved = json.loads((tmp_path / "o" / "adapter" / "adapter_config.json").read_text())
     assert saved["r"] == 2 and saved["target_modules"] == ["q_proj"]
 
 
 def test_streaming_trains_with_max_steps(base, data, tmp_path, capsys):
-    argv = ["train", "--model", str(base), "--data", str(data), "--streaming", "true", "--progress_bar", "false"]
+    argv = ["train", "--model", str(base), "--data", str(data), "--streaming", "true",
+            "--progress_bar", "false"]
     assert main([*argv, "--output-dir", str(tmp_path / "no-steps")]) == 2
-    assert "data.streaming reads the file lazily and has no length: set train.max_steps" in capsys.readouterr().err
+    message = "data.streaming reads the file lazily and has no length: set train.max_steps"
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "no-steps").exists()
-    assert main([*argv, "--output-dir", str(tmp_path / "s"), "--max_steps", "5", "--shuffle_buffer", "4"]) == 0
+    assert main([*argv, "--output-dir", str(tmp_path / "s"), "--max_steps", "5",
+                 "--shuffle_buffer", "4"]) == 0
     assert "(streamed, last pass): " in capsys.readouterr().out
     assert (tmp_path / "s" / "adapter" / "adapter_model.safetensors").is_file()
 

@@ -51,7 +51,8 @@ def test_text_records_train_on_every_token_and_end_with_eos(llama_tokenizer):
     expected = [*llama_tokenizer.encode("The river runs past the mill."), llama_tokenizer.eos_token_id]
     assert example["input_ids"] == expected and example["labels"] == expected
     assert example["input_ids"][0] == llama_tokenizer.bos_token_id
-    assert build(llama_tokenizer, {"text": "x"}, add_eos=False)["input_ids"][-1] != llama_tokenizer.eos_token_id
+    without_eos = build(llama_tokenizer, {"text": "x"}, add_eos=False)
+    assert without_eos["input_ids"][-1] != llama_tokenizer.eos_token_id
 
 
 def test_prompt_completion_labels_only_the_completion(llama_tokenizer):
@@ -61,7 +62,8 @@ def test_prompt_completion_labels_only_the_completion(llama_tokenizer):
     completion = [*tok.encode("Honey.", add_special_tokens=False), tok.eos_token_id]
     assert example["input_ids"] == prompt + completion
     assert example["labels"] == [IGNORE_INDEX] * len(prompt) + completion
-    everything = build(tok, {"prompt": "What do bees make?", "completion": "Honey."}, completion_only_loss=False)
+    everything = build(tok, {"prompt": "What do bees make?", "completion": "Honey."},
+                       completion_only_loss=False)
     assert everything["labels"] == everything["input_ids"]
 
 
@@ -225,7 +227,8 @@ def test_length_grouping_is_seeded_per_epoch_and_groups_similar_lengths():
 
 
 def test_streaming_reads_lazily_and_matches_in_memory(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "train.jsonl", [{"text": f"line {i} " + "word " * (i % 7)} for i in range(300)])
+    records = [{"text": f"line {i} " + "word " * (i % 7)} for i in range(300)]
+    path = write_jsonl(tmp_path / "train.jsonl", records)
     config = DataConfig(train_file=str(path), streaming=True, shuffle_buffer=8)
     stream, _ = load_datasets(config, tokenizer)
     assert not hasattr(stream, "__len__")
@@ -256,10 +259,12 @@ def test_streaming_with_packing_and_grouping(tmp_path, tokenizer):
     stream, _ = load_datasets(config, tokenizer)
     in_memory, _ = load_datasets(DataConfig(train_file=str(path), packing=True, max_seq_len=32), tokenizer)
     assert list(stream) == list(in_memory)
-    grouped, _ = load_datasets(DataConfig(train_file=str(path), streaming=True, group_by_length=True), tokenizer)
+    grouped, _ = load_datasets(DataConfig(train_file=str(path), streaming=True, group_by_length=True),
+                               tokenizer)
     lengths = [len(e["input_ids"]) for e in grouped.examples_for_epoch(0, 0, False, batch_size=1)]
     # windows of 50 micro-batches of 1, each sorted longest first
-    assert lengths[:50] == sorted(lengths[:50], reverse=True) and lengths[50:] == sorted(lengths[50:], reverse=True)
+    assert lengths[:50] == sorted(lengths[:50], reverse=True)
+    assert lengths[50:] == sorted(lengths[50:], reverse=True)
     assert lengths != sorted(lengths, reverse=True)
     assert isinstance(stream, StreamingSFTDataset)
 
@@ -302,17 +307,18 @@ def test_resume_with_streamed_or_grouped_data_is_bit_exact(tmp_path, tokenizer, 
     from peftloop.inject import inject_lora
     from peftloop.train import train
 
-    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "word " * (i % 5 + 1) + f"line {i}"} for i in range(11)])
-    config = DataConfig(train_file=str(path), streaming=kind == "streaming", group_by_length=kind == "grouped",
-                        shuffle_buffer=4)
+    records = [{"text": "word " * (i % 5 + 1) + f"line {i}"} for i in range(11)]
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    config = DataConfig(train_file=str(path), streaming=kind == "streaming",
+                        group_by_length=kind == "grouped", shuffle_buffer=4)
     data, _ = load_datasets(config, tokenizer)
 
     def run(out, callbacks=(), resume=None):
         model = tiny_model(vocab_size=tokenizer.vocab_size)
         torch.manual_seed(0)
         inject_lora(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-        cfg = TrainConfig(output_dir=str(out), max_steps=9, micro_batch_size=3, save_every=5, progress_bar=False,
-                          learning_rate=1e-2, resume_from_checkpoint=resume)
+        cfg = TrainConfig(output_dir=str(out), max_steps=9, micro_batch_size=3, save_every=5,
+                          progress_bar=False, learning_rate=1e-2, resume_from_checkpoint=resume)
         train(model, data, None, cfg, callbacks=list(callbacks))
         return read_safetensors(out / "adapter" / "adapter_model.safetensors")
 

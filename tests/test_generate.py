@@ -18,8 +18,8 @@ def test_greedy_generation_matches_transformers(tmp_path, family):
     prompts = [[5, 9, 14, 3, 7, 11], [8, 2, 6]]  # different lengths: left padding in one batch
     out = generate(ours, prompts, max_new_tokens=8, eos_token_id=None, pad_token_id=0)
     for prompt, new in zip(prompts, out):
-        expected = theirs.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
-                                   pad_token_id=0)
+        expected = theirs.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)
         assert new == expected[0, len(prompt):].tolist()
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from peftloop.checkpoint import CheckpointError, load_adapter, save_adapter, verify_manifest
 from peftloop.config import LoraConfig
 from peftloop.inject import inject_lora, lora_layers
-from tests.helpers import tiny_model
+from tests.helpers import lora_model, tiny_model
 
 ALLOWED = (CheckpointError, KeyError, ValueError)  # named errors; anything else is a bug
 
@@ -19,9 +19,7 @@ ALLOWED = (CheckpointError, KeyError, ValueError)  # named errors; anything else
 @pytest.fixture(scope="module")
 def good_adapter(tmp_path_factory):
     folder = tmp_path_factory.mktemp("good") / "adapter"
-    model = tiny_model()
-    inject_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    save_adapter(model, folder)
+    save_adapter(lora_model(target_modules=["q_proj", "v_proj"]), folder)
     return folder
 
 
@@ -29,9 +27,9 @@ def copy_adapter(src, dst, weights: bytes | None = None, config=None):
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "adapter_model.safetensors").write_bytes(
         weights if weights is not None else (src / "adapter_model.safetensors").read_bytes())
-    (dst / "adapter_config.json").write_text(
-        config if isinstance(config, str) else json.dumps(config if config is not None else
-                                                          json.loads((src / "adapter_config.json").read_text())))
+    if config is None:
+        config = json.loads((src / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(config if isinstance(config, str) else json.dumps(config))
     return dst
 
 
@@ -45,8 +43,10 @@ def safetensors_bytes(header: dict, data: bytes = b"") -> bytes:
     b"\x07",
     struct.pack("<Q", 1 << 60) + b"{}",  # a header length of an exabyte
     safetensors_bytes({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
-                       {"dtype": "F32", "shape": [1 << 30, 1 << 20], "data_offsets": [0, 1 << 52]}}, b"\0" * 64),
-    safetensors_bytes({"x": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}}, b"\0" * 8),  # truncated
+                       {"dtype": "F32", "shape": [1 << 30, 1 << 20], "data_offsets": [0, 1 << 52]}},
+                      b"\0" * 64),
+    # truncated
+    safetensors_bytes({"x": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}}, b"\0" * 8),
     safetensors_bytes({"x": {"dtype": "NOPE", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
     b"not a safetensors file at all, just some text" * 10,
 ], ids=["empty", "one-byte", "huge-header-length", "huge-tensor", "truncated-data", "bad-dtype", "text"])
@@ -65,13 +65,14 @@ def test_hostile_safetensors(tmp_path, good_adapter, weights):
     ('{"peft_type": "LORA", "r": 4, "target_modules": 7}', "target_modules=7"),
     ('{"peft_type": "LORA", "r": 4, "lora_alpha": [8]}', "lora_alpha"),
     ('{"peft_type": "LORA", "r": 4, "use_rslora": "yes"}', "use_rslora"),
-    ('{"peft_type": "LORA", "r": 4, "rank_pattern": {"(": 2}, "target_modules": ["q_proj"]}', "not a valid regex"),
+    ('{"peft_type": "LORA", "r": 4, "rank_pattern": {"(": 2}, "target_modules": ["q_proj"]}',
+     "not a valid regex"),
     ('{"peft_type": "LORA", "r": -1}', "positive"),
     ("\xff\xfe", "not valid JSON"),
     ('{"peft_type": "LORA", "r": 4' + "]" * 5, "not valid JSON"),
     ("[" * 100_000 + "]" * 100_000, "expected a JSON object|not valid JSON"),  # deeply nested
-], ids=["list", "prefix-tuning", "r-string", "targets-int", "alpha-list", "bool-string", "bad-regex", "negative-r",
-        "binary", "broken", "deep-nesting"])
+], ids=["list", "prefix-tuning", "r-string", "targets-int", "alpha-list", "bool-string", "bad-regex",
+        "negative-r", "binary", "broken", "deep-nesting"])
 def test_hostile_adapter_config(tmp_path, good_adapter, config, message):
     folder = copy_adapter(good_adapter, tmp_path / "a", config=config)
     model = tiny_model()
@@ -101,8 +102,9 @@ def test_manifest_cannot_point_outside_its_folder(tmp_path):
 
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
+json_values = st.recursive(scalars, lambda inner: (st.lists(inner, max_size=4)
+                                                   | st.dictionaries(st.text(max_size=8), inner, max_size=4)),
                            max_leaves=12)
 
 
@@ -128,11 +130,12 @@ def test_fuzz_mutated_weights(tmp_path, good_adapter, flips):
         assert not lora_layers(model)
 
 
+CONFIG_KEYS = ["r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "modules_to_save",
+               "peft_type", "init_lora_weights", "bias", "rank_pattern", "exclude_modules", "use_dora", "x"]
+
+
 @FUZZ
-@given(extra=st.dictionaries(st.sampled_from(["r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora",
-                                              "modules_to_save", "peft_type", "init_lora_weights", "bias",
-                                              "rank_pattern", "exclude_modules", "use_dora", "x"]),
-                             json_values, max_size=4))
+@given(extra=st.dictionaries(st.sampled_from(CONFIG_KEYS), json_values, max_size=4))
 def test_fuzz_adapter_config(tmp_path, good_adapter, extra):
     config = json.loads((good_adapter / "adapter_config.json").read_text())
     config.update(extra)
@@ -146,7 +149,8 @@ def test_fuzz_adapter_config(tmp_path, good_adapter, extra):
         assert lora_layers(model)
 
 
-@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/dir.safetensors", "model.bin", 7])
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/dir.safetensors",
+                                   "model.bin", 7])
 def test_sharded_index_cannot_name_files_outside_its_folder(tmp_path, shard):
     """A model.safetensors.index.json whose weight_map points anywhere but a shard beside it is
     refused before any file is opened, naming the index and the key."""

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peftloop import data as data_module
+from peftloop import records
 from peftloop.config import DataConfig
 from peftloop.data import DataError, load_datasets
 from tests.helpers import tokenizer as tokenizer  # fixture
@@ -29,7 +29,7 @@ def test_a_100_mb_line(tmp_path, tokenizer):
 
 
 def test_line_limit_without_a_final_newline(tmp_path, tokenizer, monkeypatch):
-    monkeypatch.setattr(data_module, "MAX_LINE_BYTES", 64)
+    monkeypatch.setattr(records, "MAX_LINE_BYTES", 64)
     path = tmp_path / "train.jsonl"
     path.write_bytes(b'{"text": "ok"}\n{"text": "' + b"x" * 200 + b'"}')
     with pytest.raises(DataError, match=r"train.jsonl:2: line of 212 bytes"):
@@ -58,12 +58,15 @@ message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "ass
                                  "content": st.text(max_size=12) | json_values})
 records = st.one_of(
     st.fixed_dictionaries({"text": st.text(max_size=30) | json_values}),
-    st.fixed_dictionaries({"prompt": st.text(max_size=20) | json_values, "completion": st.text(max_size=20) | json_values}),
+    st.fixed_dictionaries({"prompt": st.text(max_size=20) | json_values,
+                           "completion": st.text(max_size=20) | json_values}),
     st.fixed_dictionaries({"messages": st.lists(message, max_size=4) | json_values}),
-    st.dictionaries(st.sampled_from(["text", "prompt", "completion", "messages", "other"]), json_values, max_size=3),
+    st.dictionaries(st.sampled_from(["text", "prompt", "completion", "messages", "other"]), json_values,
+                    max_size=3),
     json_values,
 )
-lines = st.lists(st.one_of(records.map(lambda r: json.dumps(r).encode()), st.binary(max_size=40)), min_size=1, max_size=6)
+lines = st.lists(st.one_of(records.map(lambda r: json.dumps(r).encode()), st.binary(max_size=40)),
+                 min_size=1, max_size=6)
 
 
 @FUZZ

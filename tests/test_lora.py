@@ -25,7 +25,8 @@ def dense(layer, x, mask=None, p=0.0):
     x_lora = x if mask is None else x * mask / (1 - p)
     W, b = layer.base_layer.weight.float(), layer.base_layer.bias
     b = None if b is None else b.float()
-    return x @ W.t() + (b if b is not None else 0) + layer.scaling * (x_lora @ layer.lora_A.weight.t()) @ layer.lora_B.weight.t()
+    lora = layer.scaling * (x_lora @ layer.lora_A.weight.t()) @ layer.lora_B.weight.t()
+    return x @ W.t() + (b if b is not None else 0) + lora
 
 
 @pytest.mark.parametrize("shape", [(5, 13), (2, 3, 13)])

@@ -15,8 +15,8 @@ def test_left_padding_gives_the_unpadded_logits():
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
-        torch.testing.assert_close(model(padded, attention_mask=mask, position_ids=positions)[:, 3:], model(ids),
-                                   rtol=0, atol=1e-5)
+        left_padded = model(padded, attention_mask=mask, position_ids=positions)
+        torch.testing.assert_close(left_padded[:, 3:], model(ids), rtol=0, atol=1e-5)
 
 
 def test_packed_sequences_do_not_attend_across_documents():
@@ -48,7 +48,8 @@ def test_summed_loss_equals_cross_entropy_over_shifted_labels():
         torch.testing.assert_close(model(ids, labels=labels), expected, rtol=1e-5, atol=1e-5)
         smoothed = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum",
                                    label_smoothing=0.2)
-        torch.testing.assert_close(model(ids, labels=labels, label_smoothing=0.2), smoothed, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(ids, labels=labels, label_smoothing=0.2), smoothed,
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("lengths", [[5, 5], [3, 7, 5]])
@@ -70,9 +71,11 @@ def test_generation_stops_at_eos_and_sampling_is_seeded():
     first = generate(model, [[1, 5, 6]], max_new_tokens=4)[0]
     stopped = generate(model, [[1, 5, 6]], max_new_tokens=4, eos_token_id=first[1])[0]
     assert stopped == first[:2]
-    a = generate(model, [[1, 5, 6]], 8, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(1))
-    b = generate(model, [[1, 5, 6]], 8, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(1))
-    assert a == b
+    def sample(seed):
+        g = torch.Generator().manual_seed(seed)
+        return generate(model, [[1, 5, 6]], 8, temperature=1.0, top_p=0.9, generator=g)
+
+    assert sample(1) == sample(1)
 
 
 def test_packed_length_one_documents_attend_only_to_themselves():

@@ -63,7 +63,8 @@ def test_the_family_switches_change_the_model(checkpoints):
 
 def test_config_flags_per_family(checkpoints):
     config = {family: load_pretrained(folder).config for family, folder in checkpoints.items()}
-    assert config["qwen2"].qkv_bias and not config["qwen2"].attention_bias and config["qwen2"].tie_word_embeddings
+    qwen2 = config["qwen2"]
+    assert qwen2.qkv_bias and not qwen2.attention_bias and qwen2.tie_word_embeddings
     assert config["qwen3"].qk_norm and config["qwen3"].head_dim == 24
     assert config["qwen3-bias"].attention_bias
     assert config["llama-bias"].attention_bias and config["llama-bias"].mlp_bias

@@ -10,15 +10,10 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 @pytest.mark.slow
 def test_readme_python_example_runs(tmp_path, monkeypatch):
-    from peftloop.demo import build_tokenizer, base_config, save_tokenizer
-    from peftloop.models import save_pretrained
-    from peftloop.models.llama import LlamaForCausalLM
+    from tests.helpers import save_demo_base
 
     monkeypatch.chdir(tmp_path)
-    base = LlamaForCausalLM(base_config(build_tokenizer().get_vocab_size()))
-    base.init_weights()
-    save_pretrained(base, tmp_path / "peftloop-demo" / "base")
-    save_tokenizer(build_tokenizer(), tmp_path / "peftloop-demo" / "base")
+    save_demo_base(tmp_path / "peftloop-demo" / "base")
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "the README has no python example"
     for code in blocks:
