@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peftloop import records
+from peftloop import records as records_module
 from peftloop.config import DataConfig
 from peftloop.data import DataError, load_datasets
 from tests.helpers import tokenizer as tokenizer  # fixture
@@ -29,7 +29,7 @@ def test_a_100_mb_line(tmp_path, tokenizer):
 
 
 def test_line_limit_without_a_final_newline(tmp_path, tokenizer, monkeypatch):
-    monkeypatch.setattr(records, "MAX_LINE_BYTES", 64)
+    monkeypatch.setattr(records_module, "MAX_LINE_BYTES", 64)
     path = tmp_path / "train.jsonl"
     path.write_bytes(b'{"text": "ok"}\n{"text": "' + b"x" * 200 + b'"}')
     with pytest.raises(DataError, match=r"train.jsonl:2: line of 212 bytes"):
