@@ -121,7 +121,8 @@ def test_the_loop_trains_the_same_with_checkpointing(tmp_path):
         model = _model(VARIANTS["lora_dropout"])
         if checkpointing:
             enable_gradient_checkpointing(model)
-        result = train(model, data, config=TrainConfig(output_dir=str(tmp_path / str(checkpointing)), **config))
+        config["output_dir"] = str(tmp_path / str(checkpointing))
+        result = train(model, data, config=TrainConfig(**config))
         results.append((result.train_loss, {n: p.detach().clone() for n, p in model.named_parameters()
                                             if p.requires_grad}))
     (loss_a, params_a), (loss_b, params_b) = results
@@ -131,17 +132,19 @@ def test_the_loop_trains_the_same_with_checkpointing(tmp_path):
 
 
 def test_transformers_models_use_their_own_non_reentrant_switch():
-    transformers = pytest.importorskip("transformers", reason="the 'ref' extra (transformers) is not installed")
-    config = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
+    transformers = pytest.importorskip("transformers",
+                                       reason="the 'ref' extra (transformers) is not installed")
+    config = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
     inject_lora(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     model.train()
-    expected = torch.autograd.grad(model(TOKENS).logits.sum(), model.model.layers[0].self_attn.q_proj.lora_A.weight)
+    lora_A = model.model.layers[0].self_attn.q_proj.lora_A.weight
+    expected = torch.autograd.grad(model(TOKENS).logits.sum(), lora_A)
     enable_gradient_checkpointing(model)
     assert model.is_gradient_checkpointing
-    got = torch.autograd.grad(model(TOKENS).logits.sum(), model.model.layers[0].self_attn.q_proj.lora_A.weight)
+    got = torch.autograd.grad(model(TOKENS).logits.sum(), lora_A)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match="offload=True needs a peftloop model"):
         enable_gradient_checkpointing(model, offload=True)

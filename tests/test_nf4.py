@@ -8,6 +8,8 @@ from statistics import NormalDist
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from peftloop.kernels.nf4 import (
     NESTED_BLOCKSIZE,
     NF4_CODE,
@@ -15,8 +17,6 @@ from peftloop.kernels.nf4 import (
     dynamic_code_values,
     nf4_dequantize_reference,
 )
-from torch import nn
-
 from peftloop.nf4 import NF4Linear, dequantize_model, nf4_layers, quantize_model, quantize_nf4
 from tests.helpers import tiny_model
 
@@ -129,7 +129,8 @@ def test_quantisation_errors_name_the_weight():
 def _bnb_state(packed, quant_state) -> NF4State:
     nested = quant_state.nested
     return NF4State(packed.reshape(-1), quant_state.absmax, quant_state.state2.absmax if nested else None,
-                    quant_state.offset.reshape(1) if nested else None, quant_state.shape, quant_state.blocksize)
+                    quant_state.offset.reshape(1) if nested else None, quant_state.shape,
+                    quant_state.blocksize)
 
 
 @needs_bnb
@@ -160,7 +161,8 @@ def test_quantisation_equals_bitsandbytes(shape, blocksize, double_quant):
     assert torch.equal(ours.nested_absmax, theirs.state2.absmax)
     absmax = quantize_nf4(weight, blocksize, double_quant=False).absmax
     code = torch.tensor(dynamic_code_values())
-    scaled = (absmax - ours.nested_offset) * (1.0 / ours.nested_absmax.repeat_interleave(256)[:absmax.numel()])
+    nested_scale = ours.nested_absmax.repeat_interleave(256)[:absmax.numel()]
+    scaled = (absmax - ours.nested_offset) * (1.0 / nested_scale)
     distance = lambda q: (scaled - code[q.long()]).abs()
     assert torch.all(distance(ours.absmax) <= distance(theirs.absmax))
     assert torch.all((ours.absmax.long() - theirs.absmax.long()).abs() <= 1)
@@ -222,9 +224,10 @@ def test_dequantising_a_bitsandbytes_weight_gives_its_dequantize_4bit(shape, dou
     definition = bnb_definition(packed, quant_state)
     if not torch.equal(theirs, definition):
         wrong = (theirs != definition).reshape(-1).nonzero()
-        pytest.skip(f"bitsandbytes {importlib.metadata.version('bitsandbytes')}'s dequantize_4bit disagrees with its own "
-                    f"definition on this CPU ({torch.backends.cpu.get_cpu_capability()}): {len(wrong)} of "
-                    f"{definition.numel()} values differ, the first at flat index {int(wrong[0])}")
+        pytest.skip(f"bitsandbytes {importlib.metadata.version('bitsandbytes')}'s dequantize_4bit disagrees "
+                    f"with its own definition on this CPU ({torch.backends.cpu.get_cpu_capability()}): "
+                    f"{len(wrong)} of {definition.numel()} values differ, the first at flat index "
+                    f"{int(wrong[0])}")
     assert torch.equal(nf4_dequantize(_bnb_state(packed, quant_state), torch.float32), theirs)
 
 

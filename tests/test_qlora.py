@@ -30,15 +30,16 @@ LABELS = torch.where(torch.arange(9) < 3, -100, TOKENS)
 def _qlora(seed=0, **lora):
     model = quantize_model(tiny_model(seed=seed))
     torch.manual_seed(1)
-    return inject_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
-                                         **lora))
+    return inject_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                         init_lora_weights=False, **lora))
 
 
 def test_qlora_is_lora_on_the_dequantised_weights():
     qlora = _qlora()
     reference = dequantize_model(quantize_model(tiny_model(seed=0)))  # fp32 Linears holding dequant(W4)
     torch.manual_seed(1)
-    inject_lora(reference, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    inject_lora(reference, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                      init_lora_weights=False))
     assert all(layer.quantized for layer in lora_layers(qlora).values())
     assert not any(layer.quantized for layer in lora_layers(reference).values())
     loss, expected = qlora(TOKENS, labels=LABELS), reference(TOKENS, labels=LABELS)
@@ -73,8 +74,8 @@ def test_parameters_are_counted_per_weight_not_per_byte():
 # Loading in 4 bits
 
 
-SHAPE = dict(vocab_size=256, hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=8,
-             num_key_value_heads=2, tie_word_embeddings=True)
+SHAPE = dict(vocab_size=256, hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
+             num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +108,11 @@ def test_the_4bit_base_takes_at_most_0_3_of_its_bf16_size(checkpoint):
     """Measured: the bytes of every tensor a 4-bit layer holds (storage, not element counts),
     against the same weights in bf16."""
     for double_quant, expected in ((True, 4.127 / 16), (False, 4.5 / 16)):
-        model = load_pretrained(checkpoint / "model", dtype="bf16", quantization="nf4", double_quant=double_quant)
+        model = load_pretrained(checkpoint / "model", dtype="bf16", quantization="nf4",
+                                double_quant=double_quant)
         layers = nf4_layers(model).values()
-        held = sum(p.untyped_storage().nbytes() for layer in layers for p in layer.parameters() if p.dtype != torch.bfloat16)
+        held = sum(p.untyped_storage().nbytes() for layer in layers for p in layer.parameters()
+                   if p.dtype != torch.bfloat16)
         bf16 = sum(2 * layer.in_features * layer.out_features for layer in layers)
         assert held / bf16 <= 0.3
         assert held / bf16 == pytest.approx(expected, abs=0.002), (double_quant, held / bf16)
@@ -148,8 +151,9 @@ def test_loading_in_4bit_peaks_near_the_4bit_model_not_the_full_one(checkpoint, 
         capture_output=True, text=True, check=True).stdout)
     nf4, bf16 = run("nf4"), run("none")
     fp32_weights = 2 * bf16["held"]
-    print(f"4-bit load: peak growth {nf4['peak_growth'] / 2**20:.1f} MiB, holds {nf4['held'] / 2**20:.1f} MiB; "
-          f"bf16 load: peak {bf16['peak_growth'] / 2**20:.1f} MiB; fp32 weights {fp32_weights / 2**20:.1f} MiB")
+    mib = lambda n: f"{n / 2**20:.1f} MiB"
+    print(f"4-bit load: peak growth {mib(nf4['peak_growth'])}, holds {mib(nf4['held'])}; "
+          f"bf16 load: peak {mib(bf16['peak_growth'])}; fp32 weights {mib(fp32_weights)}")
     assert nf4["held"] < 0.35 * bf16["held"]
     # the 4-bit model, plus one layer's fp32 weight and the reader's 16 MiB conversion buffer
     assert nf4["peak_growth"] < nf4["held"] + 3 * 512 * 1536 * 4 + (16 << 20) + (8 << 20)
@@ -199,7 +203,8 @@ def test_merge_and_unload_dequantises_and_reports_the_rounding():
 
     qlora = _qlora()
     exact = {n: layer.merged_weight() for n, layer in lora_layers(qlora).items()}
-    with pytest.warns(UserWarning, match=r"4-bit \(NF4\) base.*bfloat16.*up to ([0-9.e-]+) \(max abs diff") as record:
+    message = r"4-bit \(NF4\) base.*bfloat16.*up to ([0-9.e-]+) \(max abs diff"
+    with pytest.warns(UserWarning, match=message) as record:
         merged = merge_and_unload(qlora, dtype=torch.bfloat16)
     worst = max(float((merged.get_submodule(n).weight.float() - w).abs().max()) for n, w in exact.items())
     reported = float(str(record[0].message).split("up to ")[1].split(" ")[0])
@@ -299,8 +304,8 @@ def test_fsdp2_shards_the_4bit_base_and_trains_like_one_process(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                          f"--master-port={port}", "--max-restarts=0", str(script), str(tmp_path / "fsdp"), "fsdp",
-                          "2"], env=env, capture_output=True, text=True, timeout=240)
+                          f"--master-port={port}", "--max-restarts=0", str(script), str(tmp_path / "fsdp"),
+                          "fsdp", "2"], env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     shards = re.findall(r"RANK (\d) packed (\w+) local (\d+) of (\d+);", run.stdout)
     assert sorted(shards) == [("0", "DTensor", "256", "512"), ("1", "DTensor", "256", "512")], run.stdout

@@ -24,9 +24,11 @@ TEXTS = ["Hello world, how are you?", "  two leading spaces, ünïcode ✓ and\t
 @pytest.fixture(scope="module", params=list(TOKENIZER_STYLES))
 def pair(request, tmp_path_factory):
     """(style, ours, transformers') for one tokenizer style."""
-    transformers = pytest.importorskip("transformers", reason="the 'ref' extra (transformers) is not installed")
+    transformers = pytest.importorskip("transformers",
+                                       reason="the 'ref' extra (transformers) is not installed")
     folder = build_tokenizer_folder(tmp_path_factory.mktemp(request.param), request.param)
-    return request.param, Tokenizer.from_pretrained(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    return (request.param, Tokenizer.from_pretrained(folder),
+            transformers.AutoTokenizer.from_pretrained(folder))
 
 
 def conversation_for(style: str) -> list[dict]:
@@ -38,14 +40,15 @@ def test_encode_and_decode_match_transformers(pair):
     _, ours, theirs = pair
     for text in TEXTS:
         assert ours.encode(text) == theirs(text)["input_ids"], text
-        assert ours.encode(text, add_special_tokens=False) == theirs(text, add_special_tokens=False)["input_ids"]
+        expected = theirs(text, add_special_tokens=False)["input_ids"]
+        assert ours.encode(text, add_special_tokens=False) == expected
         ids = ours.encode(text)
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
         assert ours.decode(ids, skip_special_tokens=False) == theirs.decode(ids, skip_special_tokens=False)
 
 
 @settings(max_examples=40, deadline=None)
-@given(pieces=st.lists(st.sampled_from(list("abcdefghij ÉéÜ?!.,\n\t0123456789") + ["<s>", "<|im_end|>", "  "]),
+@given(pieces=st.lists(st.sampled_from([*"abcdefghij ÉéÜ?!.,\n\t0123456789", "<s>", "<|im_end|>", "  "]),
                       max_size=40))
 def test_encode_matches_transformers_on_any_text(pair, pieces):
     _, ours, theirs = pair
@@ -67,7 +70,8 @@ def test_chat_template_gives_transformers_ids(pair, add_generation_prompt):
     for end in range(1, len(messages) + 1):
         expected = theirs.apply_chat_template(messages[:end], add_generation_prompt=add_generation_prompt,
                                               tokenize=True, return_dict=True)["input_ids"]
-        assert ours.apply_chat_template(messages[:end], add_generation_prompt=add_generation_prompt) == expected
+        ids = ours.apply_chat_template(messages[:end], add_generation_prompt=add_generation_prompt)
+        assert ids == expected
         assert ours.render_chat(messages[:end], add_generation_prompt) == theirs.apply_chat_template(
             messages[:end], add_generation_prompt=add_generation_prompt, tokenize=False)
 
@@ -95,7 +99,8 @@ def test_template_errors_and_missing_templates(tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(TokenizerError, match="has no chat_template"):
         Tokenizer.from_pretrained(folder).apply_chat_template([{"role": "user", "content": "a"}])
-    (folder / "chat_template.jinja").write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}")
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    (folder / "chat_template.jinja").write_text(template)
     assert Tokenizer.from_pretrained(folder).render_chat([{"role": "user", "content": "hi"}]) == "<user>hi"
     (folder / "chat_template.jinja").write_text("{% for m in messages %}")
     with pytest.raises(TokenizerError, match="syntax error on line 1"):
@@ -105,7 +110,8 @@ def test_template_errors_and_missing_templates(tmp_path):
 def test_named_templates_and_added_token_dicts(tmp_path):
     folder = build_tokenizer_folder(tmp_path / "chatml", "chatml")
     config = json.loads((folder / "tokenizer_config.json").read_text())
-    config["chat_template"] = [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": "plain"}]
+    config["chat_template"] = [{"name": "tool_use", "template": "tools"},
+                               {"name": "default", "template": "plain"}]
     config["eos_token"] = {"__type": "AddedToken", "content": "<|im_end|>", "special": True}
     config["pad_token"] = "<pad>"  # not in the vocabulary: added as a special token, as transformers does
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
@@ -122,7 +128,8 @@ def test_add_eos_token_and_generation_config(tmp_path):
     eot, end = tokenizer.backend.token_to_id("<|eot_id|>"), tokenizer.backend.token_to_id("<|end_of_text|>")
     assert tokenizer.stop_token_ids == [eot, end]  # generation_config.json's list
     config = json.loads((folder / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False, "add_eos_token": True}))
+    config.update(add_bos_token=False, add_eos_token=True)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
     ids = Tokenizer.from_pretrained(folder).encode("Hello")
     assert ids[-1] == eot and ids[0] != tokenizer.bos_token_id
 
