@@ -33,6 +33,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import triton
+from triton.backends.compiler import BaseBackend, GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import native_specialize_impl
 
 from ._triton_utils import SHARED_MEMORY_LIMIT, prune_configs
 
@@ -116,10 +120,12 @@ def launches(dtype: torch.dtype) -> list[Launch]:
     common = dict(BLOCK_R=block_r, PRECISION="ieee")
     # The quick selection keeps the stored-mask variant (the most shared memory: it adds a
     # byte tile) in both dtypes and the seed variant (philox in the loop) in bf16.
-    variants = ((1, "seed", dtype != torch.float32), (2, "mask", True), (0, "no dropout", False))
+    Dropout = lora_linear.Dropout
+    variants = ((Dropout.FROM_SEED, "seed", dtype != torch.float32), (Dropout.FROM_MASK, "mask", True),
+                (Dropout.OFF, "no dropout", False))
     for mode, name, quick in variants:
-        mask = _t(torch.uint8) if mode == 2 else None
-        smm, smk = (K, 1) if mode == 2 else (0, 0)
+        mask = _t(torch.uint8) if mode == Dropout.FROM_MASK else None
+        smm, smk = (K, 1) if mode == Dropout.FROM_MASK else (0, 0)
         es.append(Launch(f"lora_linear._lora_fwd_kernel[{name}]", lora_linear._lora_fwd_kernel,
                          dict(x_ptr=_t(dtype), w_ptr=_t(dtype), bias_ptr=_t(dtype), a_ptr=_t(dtype),
                               b_ptr=_t(dtype), mask_ptr=mask, y_ptr=_t(dtype), u_ptr=_t(dtype),
@@ -128,7 +134,7 @@ def launches(dtype: torch.dtype) -> list[Launch]:
                               stride_bn=R, stride_br=1, stride_mm=smm, stride_mk=smk, stride_ym=N,
                               stride_yn=1, stride_um=R, stride_ur=1, scaling=2.0, dropout_p=0.1,
                               keep_scale=1 / 0.9, seed=12345),
-                         dict(HAS_BIAS=True, DROPOUT=mode, **common),
+                         dict(HAS_BIAS=True, DROPOUT=int(mode), **common),
                          shared_bytes=lora_linear._mm_shared_bytes, quick=quick))
         es.append(Launch(f"lora_linear._lora_dx_kernel[{name}]", lora_linear._lora_dx_kernel,
                          dict(x_ptr=_t(dtype), w_ptr=_t(dtype), a_ptr=_t(dtype), b_ptr=_t(dtype),
@@ -137,13 +143,13 @@ def launches(dtype: torch.dtype) -> list[Launch]:
                               stride_bk=R, stride_br=1, stride_mm=smm, stride_mn=smk, stride_dm=K,
                               stride_dn=1, stride_gbm=R, stride_gbr=1, scaling=2.0, dropout_p=0.1,
                               keep_scale=1 / 0.9, seed=12345),
-                         dict(HAS_DX=True, DROPOUT=mode, **common),
+                         dict(HAS_DX=True, DROPOUT=int(mode), **common),
                          shared_bytes=lora_linear._mm_shared_bytes, quick=quick))
         es.append(Launch(f"lora_linear._lora_da_kernel[{name}]", lora_linear._lora_da_kernel,
                          dict(gb_ptr=_t(dtype), x_ptr=_t(dtype), mask_ptr=mask, da_ptr=_t(f32), M=M, K=K, R=R,
                               rows_per_split=512, stride_gbm=R, stride_gbr=1, stride_xm=K, stride_xk=1,
                               stride_mm=smm, stride_mk=smk, dropout_p=0.1, keep_scale=1 / 0.9, seed=12345),
-                         dict(DROPOUT=mode, **common), shared_bytes=lora_linear._da_shared_bytes,
+                         dict(DROPOUT=int(mode), **common), shared_bytes=lora_linear._da_shared_bytes,
                          quick=quick))
     es.append(Launch("lora_linear._dropout_mask_kernel", lora_linear._dropout_mask_kernel,
                      dict(mask_ptr=_t(torch.uint8), M=M, K=K, seed=12345, dropout_p=0.1),
@@ -164,9 +170,6 @@ def launches(dtype: torch.dtype) -> list[Launch]:
 
 def _specialise(fn, args: dict, constexprs: dict):
     """(signature, constexprs, attrs) for ``ASTSource``, as the runtime JIT specialises ``args``."""
-    from triton.backends.compiler import BaseBackend
-    from triton.runtime.jit import native_specialize_impl
-
     signature, consts, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -202,10 +205,6 @@ def _configs(launch: Launch, limit: int, quick: bool):
 
 def compile_all(targets=(80, 90), dtypes=("bf16", "fp32"), quick=True, log=None) -> list[dict]:
     """Compile the launches for each target and dtype; one record per (launch, config, target)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels with Python")
     records = []

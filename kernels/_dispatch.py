@@ -27,14 +27,17 @@ if _forced not in BACKENDS:
     raise ValueError(f"PEFTLOOP_KERNELS={_forced!r}: expected one of {', '.join(BACKENDS)}")
 
 
-@functools.cache
+# Triton is optional (Linux only). Imported once, here, when the package is imported: so
+# TRITON_INTERPRET must be set before ``import peftloop.kernels`` to take effect.
+try:
+    import triton
+except ImportError:
+    triton = None
+
+
 def triton_available() -> bool:
     """True when Triton imports (it does on Linux; it only runs on a GPU or under the interpreter)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return triton is not None
 
 
 def interpreting() -> bool:

@@ -3,6 +3,11 @@
 Shapes: x ``[..., in]``, W ``[out, in]``, A ``[r, in]``, B ``[out, r]``, s = alpha/r
 (rsLoRA: alpha/sqrt(r)). Dropout acts on the LoRA branch only; the base path sees x.
 
+The arithmetic lives once, on 2-D tensors (x as ``[rows, in]``), in two implementations
+with one signature: ``lora_forward``/``lora_backward`` (torch) and
+``lora_forward_triton``/``lora_backward_triton`` (the kernels below). The autograd Functions
+here and ``nf4.NF4LinearFunction`` (on the dequantised weight) call them.
+
 Implementations (see ``_dispatch``):
 - ``lora_linear_reference``: the formula written with autograd. W is frozen, so autograd
   computes no dW either, but it keeps ``dropout(x)`` and recomputes nothing clever.
@@ -15,12 +20,19 @@ Implementations (see ``_dispatch``):
   dA is a third kernel, dB one cuBLAS call. The dropout mask is never stored: it is a pure
   function ``tl.rand(seed, row·in + col) >= p`` of the element's index, so the forward, the
   backward, every tile and any tiling regenerate the same mask from one integer seed.
+
+Dtypes: ``lora_linear`` (and ``nf4.nf4_lora_linear``) own the casting. They compute in one
+dtype, ``compute_dtype(x)``: autocast's for x's device when autocast is on there, else x's
+own; every tensor argument is cast to it (differentiably) before any implementation runs,
+with autocast disabled inside.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import logging
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,6 +44,36 @@ from ._triton_utils import autotune, cast, dot, dot_options, new_output, tl, tri
 logger = logging.getLogger(__name__)
 
 
+class Dropout(enum.IntEnum):
+    """Where the keep-mask of the LoRA branch's dropout comes from (the kernels' DROPOUT)."""
+
+    OFF = 0  # p = 0: no mask
+    FROM_SEED = 1  # drawn inside the kernels: kept when tl.rand(seed, row·in + col) >= p
+    FROM_MASK = 2  # a stored bool mask of x's shape
+
+
+# The modes as Triton compile-time constants for the kernels' bodies (a @triton.jit function
+# may read only constexpr globals). Launchers pass ``DROPOUT=int(mode)``.
+DROPOUT_OFF = tl.constexpr(int(Dropout.OFF))
+DROPOUT_FROM_SEED = tl.constexpr(int(Dropout.FROM_SEED))
+DROPOUT_FROM_MASK = tl.constexpr(int(Dropout.FROM_MASK))
+
+
+def dropout_mode(dropout_p: float, mask2: torch.Tensor | None) -> Dropout:
+    """The mode of a call: off at p = 0, else the given mask, else a seed (kernels only)."""
+    if dropout_p == 0.0:
+        return Dropout.OFF
+    return Dropout.FROM_SEED if mask2 is None else Dropout.FROM_MASK
+
+
+class LoRANeeds(NamedTuple):
+    """Which gradients a backward pass computes (the others are None)."""
+
+    x: bool
+    lora_A: bool
+    lora_B: bool
+
+
 def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, dropout_mask=None):
     """The definition of correct: plain torch, autograd does the rest."""
     y = F.linear(x, weight, bias)
@@ -39,74 +81,75 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.
     return y + scaling * F.linear(F.linear(x_lora, lora_A), lora_B)
 
 
-class LoRALinearFunction(torch.autograd.Function):
-    r"""Forward and backward of a LoRA linear layer with a frozen base weight.
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the LoRA ops compute in: autocast's for x's device when it is on, else x's."""
+    return autocast_dtype(x) or x.dtype
 
-    Forward, over the N = prod(x.shape[:-1]) rows of x:
 
-        x_d = x ⊙ M / (1 - p)          (M: Bernoulli(1 - p) mask; x_d = x when p = 0)
-        u   = x_d · Aᵀ                  [N, r]   saved: it is needed again for dB
-        y   = x · Wᵀ + b + s · u · Bᵀ
+def cast_all(dtype: torch.dtype, *tensors):
+    """Each tensor ``.to(dtype)`` (itself when already there; differentiable); None stays None."""
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
 
-    Backward, with g = dL/dy [N, out]:
 
-        dL/du = s · g · B               [N, r]
-        dL/dB = s · gᵀ · u              [out, r]   (reuses u: no second x·Aᵀ)
-        dL/dA = (dL/du)ᵀ · x_d          [r, in]
-        dL/dx = g · W + (dL/du · A) ⊙ M / (1 - p)
+# ---------------------------------------------------------------------------------------
+# The maths, torch path, on 2-D tensors. LoRALinearFunction and NF4LinearFunction derive
+# their backward passes from these; see LoRALinearFunction's docstring.
+# ---------------------------------------------------------------------------------------
 
-    dL/dW = gᵀ · x is never formed: W is frozen, and that product is the single largest
-    matmul of the backward pass ([out, N] × [N, in]). The bias is frozen too.
-    """
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask):
-        x2 = x.reshape(-1, x.shape[-1])
-        mask2 = None if dropout_mask is None else dropout_mask.reshape(x2.shape)
-        keep = 1.0 / (1.0 - dropout_p)
-        # bf16 on a CPU without bf16 hardware: multiply in fp32, round y once (_dispatch.matmul_dtype).
-        ctx.out_dtype, compute = x.dtype, matmul_dtype(x)
-        weight_in, lora_A_in, lora_B_in = weight, lora_A, lora_B
-        if compute != x.dtype:
-            x2, weight, lora_A, lora_B = x2.to(compute), weight.to(compute), lora_A.to(compute), lora_B.to(compute)
-            bias = None if bias is None else bias.to(compute)
-        y = F.linear(x2, weight, bias)
-        # The 1/(1-p) rescaling rides on the [N, r] product, not on the [N, in] input: one
-        # full-size elementwise op (the masking) instead of three with their dtype conversions.
-        x_lora = x2 if mask2 is None else torch.where(mask2, x2, 0.0)
-        u = x_lora @ lora_A.t()
+def _dropped(x2: torch.Tensor, mask2: torch.Tensor | None) -> torch.Tensor:
+    """x ⊙ M (the 1/(1-p) rescaling rides on the [rows, r] products instead)."""
+    return x2 if mask2 is None else torch.where(mask2, x2, 0.0)
+
+
+def lora_forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, mask2=None, seed=0):
+    """``(y, u)``: y = x·Wᵀ + b + s·u·Bᵀ in x's dtype and u = (x ⊙ M)·Aᵀ/(1-p) ``[rows, r]``,
+    kept for the backward pass in the dtype it was computed in. Without LoRA (A = B = None)
+    y = x·Wᵀ + b and u is None.
+
+    All tensors share one dtype; a bf16/fp16 CPU tensor on a CPU without the hardware for it
+    is multiplied in fp32 and y rounded once (``_dispatch.matmul_dtype``). ``mask2`` (bool,
+    x's shape) is required when ``dropout_p > 0``; ``seed`` is for the Triton twin's signature."""
+    out_dtype, compute = x2.dtype, matmul_dtype(x2)
+    if compute != out_dtype:
+        x2, weight, bias, lora_A, lora_B = cast_all(compute, x2, weight, bias, lora_A, lora_B)
+    y = F.linear(x2, weight, bias)
+    u = None
+    if lora_A is not None:
+        # The rescaling multiplies the [rows, r] product, not the [rows, in] input: one
+        # full-size elementwise op (the masking) instead of three with their conversions.
+        u = _dropped(x2, mask2) @ lora_A.t()
         if mask2 is not None:
-            u.mul_(keep)
+            u.mul_(1.0 / (1.0 - dropout_p))
         y.addmm_(u, lora_B.t(), alpha=scaling)
-        # Save x rather than x_lora: x is usually kept alive by the op before us anyway,
-        # so saving it costs nothing, and x_lora is recomputed from x and the 1-byte mask.
-        # (The low-precision originals are saved, not the fp32 copies: half the memory.)
-        ctx.save_for_backward(x.reshape(-1, x.shape[-1]), weight_in, lora_A_in, lora_B_in, u, mask2)
-        ctx.scaling, ctx.keep, ctx.x_shape = scaling, keep, x.shape
-        return y.reshape(*x.shape[:-1], weight.shape[0]).to(ctx.out_dtype)
+    return y.to(out_dtype), u
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        x2, weight, lora_A, lora_B, u, mask2 = ctx.saved_tensors
-        s = ctx.scaling
-        g = grad_y.reshape(-1, weight.shape[0])
-        compute = matmul_dtype(g)
-        if compute != g.dtype:
-            g, x2, weight, lora_A, lora_B = (t.to(compute) for t in (g, x2, weight, lora_A, lora_B))
-        # dL/du, with the dropout rescaling folded in (it multiplies the masked x in both uses)
-        grad_u = (g @ lora_B).mul_(s if mask2 is None else s * ctx.keep)
-        grad_A = grad_B = grad_x = None
-        if ctx.needs_input_grad[4]:
-            grad_B = (g.t() @ u).mul_(s)
-        if ctx.needs_input_grad[3]:
-            grad_A = grad_u.t() @ (x2 if mask2 is None else torch.where(mask2, x2, 0.0))
-        if ctx.needs_input_grad[0]:
+
+def lora_backward(g, x2, weight, lora_A, lora_B, u, scaling, dropout_p, mask2, seed, needs: LoRANeeds):
+    """``(dx, dA, dB)`` from g = dL/dy ``[rows, out]``, each None unless ``needs`` asks for it.
+
+    ``x2`` is read only for dA and ``weight`` only for dx: either may be None otherwise.
+    Without LoRA (A = B = None) only dx = g·W. Results in g's dtype."""
+    out_dtype, compute = g.dtype, matmul_dtype(g)
+    if compute != out_dtype:
+        g, x2, weight, lora_A, lora_B = cast_all(compute, g, x2, weight, lora_A, lora_B)
+    grad_x = grad_A = grad_B = grad_u = None
+    if lora_A is not None and (needs.x or needs.lora_A):
+        # dL/du with the dropout rescaling folded in (it multiplies x ⊙ M in both uses)
+        grad_u = (g @ lora_B).mul_(scaling if mask2 is None else scaling / (1.0 - dropout_p))
+    if needs.lora_B:
+        grad_B = (g.t() @ u).mul_(scaling)
+    if needs.lora_A:
+        grad_A = grad_u.t() @ _dropped(x2, mask2)
+    if needs.x:
+        if grad_u is None:
+            grad_x = g @ weight
+        else:
             grad_x_lora = grad_u @ lora_A
             if mask2 is not None:
                 grad_x_lora.masked_fill_(~mask2, 0.0)
-            grad_x = torch.addmm(grad_x_lora, g, weight).reshape(ctx.x_shape)
-        grad_x, grad_A, grad_B = (None if t is None else t.to(ctx.out_dtype) for t in (grad_x, grad_A, grad_B))
-        return grad_x, None, None, grad_A, grad_B, None, None, None
+            grad_x = torch.addmm(grad_x_lora, g, weight)
+    return cast_all(out_dtype, grad_x, grad_A, grad_B)
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,9 +202,10 @@ def _da_shared_bytes(config, args) -> int:
 @triton.jit
 def _keep(seed, rows, cols, n_cols, dropout_p, mask_ptr, stride_mm, stride_mk, in_bounds,
           DROPOUT: tl.constexpr):
-    """The dropout keep-mask of the [rows, cols] tile: from the seed (DROPOUT=1) or a stored
-    mask (DROPOUT=2). The random number of element (m, k) depends on m·n_cols + k only."""
-    if DROPOUT == 1:
+    """The dropout keep-mask of the [rows, cols] tile: from the seed (DROPOUT_FROM_SEED) or a
+    stored mask (DROPOUT_FROM_MASK). The random number of element (m, k) depends on
+    m·n_cols + k only."""
+    if DROPOUT == DROPOUT_FROM_SEED:
         offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
         keep = tl.rand(seed, offsets) >= dropout_p
     else:
@@ -215,7 +259,7 @@ def _lora_fwd_kernel(
         x = tl.load(x_rows + rk[None, :] * stride_xk, mask=x_mask, other=0.0)
         w = tl.load(w_cols + rk[:, None] * stride_wk, mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
         acc = dot(x, w, acc, PRECISION)
-        if DROPOUT != 0:
+        if DROPOUT != DROPOUT_OFF:
             keep = _keep(seed, rm, rk, K, dropout_p, mask_ptr, stride_mm, stride_mk, x_mask, DROPOUT)
             x = cast(tl.where(keep, x.to(tl.float32) * keep_scale, 0.0), dtype)
         a = tl.load(a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak,
@@ -281,7 +325,7 @@ def _lora_dx_kernel(
                     mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
         lora = scaling * dot(gb_c, a, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PRECISION)
         out_mask = (rm[:, None] < M) & (rn[None, :] < N)
-        if DROPOUT != 0:
+        if DROPOUT != DROPOUT_OFF:
             keep = _keep(seed, rm, rn, N, dropout_p, mask_ptr, stride_mm, stride_mn, out_mask, DROPOUT)
             lora = tl.where(keep, lora * keep_scale, 0.0)
         acc += lora
@@ -319,7 +363,7 @@ def _lora_da_kernel(
         x_mask = (rm[:, None] < m_end) & (rn[None, :] < K)
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rn[None, :] * stride_xk, mask=x_mask,
                     other=0.0)
-        if DROPOUT != 0:
+        if DROPOUT != DROPOUT_OFF:
             keep = _keep(seed, rm, rn, K, dropout_p, mask_ptr, stride_mm, stride_mk, x_mask, DROPOUT)
             x = cast(tl.where(keep, x.to(tl.float32) * keep_scale, 0.0), dtype)
         acc = dot(gbt, x, acc, PRECISION)
@@ -331,7 +375,7 @@ def _lora_da_kernel(
 def _dropout_mask_kernel(mask_ptr, M, K, seed, dropout_p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = _keep(seed, rm, rk, K, dropout_p, mask_ptr, 0, 0, None, 1)
+    keep = _keep(seed, rm, rk, K, dropout_p, mask_ptr, 0, 0, None, DROPOUT_FROM_SEED)
     tl.store(mask_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], keep.to(tl.uint8),
              mask=(rm[:, None] < M) & (rk[None, :] < K))
 
@@ -374,7 +418,9 @@ def _mask_args(mask2):
     return m8, m8.stride(0), m8.stride(1)
 
 
-def _lora_forward_triton(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, mode, seed, mask2):
+def lora_forward_triton(x2, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, mask2=None, seed=0):
+    """``lora_forward`` on the kernels (one launch): ``(y, u)``, u ``[rows, r]`` in x's dtype.
+    With ``dropout_p > 0`` the mask is ``mask2`` when given, else drawn from ``seed``."""
     M, K = x2.shape
     N, R = weight.shape[0], lora_A.shape[0]
     y = new_output((M, N), x2.dtype, x2.device)
@@ -387,50 +433,118 @@ def _lora_forward_triton(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, m
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1), smm, smk, y.stride(0), y.stride(1), u.stride(0), u.stride(1),
         scaling, dropout_p, 1.0 / (1.0 - dropout_p), seed,
-        HAS_BIAS=bias is not None, DROPOUT=mode, BLOCK_R=_rank_block(R), **dot_options(x2.device),
+        HAS_BIAS=bias is not None, DROPOUT=int(dropout_mode(dropout_p, mask2)), BLOCK_R=_rank_block(R),
+        **dot_options(x2.device),
     )
     return y, u
 
 
-def _lora_backward_triton(g, x2, weight, lora_A, lora_B, scaling, dropout_p, mode, seed, mask2, need_dx, need_dA):
-    """dx (None unless need_dx), dA (None unless need_dA) and gb = dy·B."""
+def lora_backward_triton(g, x2, weight, lora_A, lora_B, u, scaling, dropout_p, mask2, seed, needs: LoRANeeds):
+    """``lora_backward`` on the kernels: dx and gB = g·B in one kernel, dA in a second (from
+    gB), dB = s·gᵀ·u by cuBLAS. As there, ``x2`` is read only for dA and ``weight`` only for dx."""
     M, N = g.shape  # N: out features
-    K, R = weight.shape[1], lora_A.shape[0]
+    K, R = lora_A.shape[1], lora_A.shape[0]
+    mode = int(dropout_mode(dropout_p, mask2))
     m8, smm, smk = _mask_args(mask2)
     keep_scale = 1.0 / (1.0 - dropout_p)
     opts = dict(BLOCK_R=_rank_block(R), **dot_options(g.device))
-    dx = new_output((M, K), g.dtype, g.device) if need_dx else None
-    gb = new_output((M, R), g.dtype, g.device)
-    if need_dx or need_dA:
-        # Without dx only gb = dy·B is wanted: one column of tiles computes it. The kernel's N
+    dx = new_output((M, K), g.dtype, g.device) if needs.x else None
+    if M and (needs.x or needs.lora_A):
+        gb = new_output((M, R), g.dtype, g.device)
+        # Without dx only gb = g·B is wanted: one column of tiles computes it. The kernel's N
         # is the grid's column count (the in-features, or 1): _grouped_tile maps program ids to
         # tiles by it, and with any other N some programs land on columns the grid lacks and
-        # rows of gb stay unwritten.
-        n_cols = K if need_dx else 1
-        dx_strides = dx.stride() if need_dx else (0, 0)
-        grid = _tile_grid(M, n_cols)
-        _lora_dx_kernel[grid](
-            g, weight, lora_A, lora_B, m8, dx, gb, M, n_cols, N, R,
-            g.stride(0), g.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+        # rows of gb stay unwritten. Without dx the weight is never read (a dummy pointer).
+        n_cols = K if needs.x else 1
+        w, w_strides = (weight, weight.stride()) if needs.x else (lora_B, (0, 0))
+        dx_strides = dx.stride() if needs.x else (0, 0)
+        _lora_dx_kernel[_tile_grid(M, n_cols)](
+            g, w, lora_A, lora_B, m8, dx, gb, M, n_cols, N, R,
+            g.stride(0), g.stride(1), *w_strides, lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), smm, smk, *dx_strides, gb.stride(0), gb.stride(1),
-            scaling, dropout_p, keep_scale, seed, HAS_DX=need_dx, DROPOUT=mode, **opts,
+            scaling, dropout_p, keep_scale, seed, HAS_DX=needs.x, DROPOUT=mode, **opts,
         )
-    dA = None
-    if need_dA:
-        splits = _da_splits(M, K, g.device)
-        partial = new_output((splits, R, K), torch.float32, g.device)
-        rows_per_split = triton.cdiv(M, splits)
-        grid = lambda meta: (triton.cdiv(K, meta["BLOCK_N"]), splits)
-        _lora_da_kernel[grid](
-            gb, x2, m8, partial, M, K, R, rows_per_split, gb.stride(0), gb.stride(1), x2.stride(0), x2.stride(1),
-            smm, smk, dropout_p, keep_scale, seed, DROPOUT=mode, **opts,
-        )
-        dA = partial.sum(0).mul_(scaling).to(lora_A.dtype)
-    return dx, dA, gb
+    dA = dB = None
+    if needs.lora_A:
+        if M:
+            splits = _da_splits(M, K, g.device)
+            partial = new_output((splits, R, K), torch.float32, g.device)
+            rows_per_split = triton.cdiv(M, splits)
+            grid = lambda meta: (triton.cdiv(K, meta["BLOCK_N"]), splits)
+            _lora_da_kernel[grid](
+                gb, x2, m8, partial, M, K, R, rows_per_split, gb.stride(0), gb.stride(1), x2.stride(0),
+                x2.stride(1), smm, smk, dropout_p, keep_scale, seed, DROPOUT=mode, **opts,
+            )
+            dA = partial.sum(0).mul_(scaling).to(lora_A.dtype)
+        else:
+            dA = torch.zeros_like(lora_A)
+    if needs.lora_B:
+        dB = (g.t() @ u).mul_(scaling)
+    return dx, dA, dB
+
+
+# ---------------------------------------------------------------------------------------
+# The autograd Functions: the torch path and the kernels, one body.
+# ---------------------------------------------------------------------------------------
+
+
+def _function_forward(ctx, fused, x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask, seed):
+    x2 = x.reshape(-1, x.shape[-1])
+    mask2 = None if dropout_mask is None else dropout_mask.reshape(x2.shape)
+    forward = lora_forward_triton if fused else lora_forward
+    y, u = forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, mask2, seed)
+    # x rather than x ⊙ M: x is usually kept alive by the op before us anyway, so saving it
+    # costs nothing, and x ⊙ M is recomputed from x and the 1-byte mask (or the seed).
+    ctx.save_for_backward(x2, weight, lora_A, lora_B, u, mask2)
+    ctx.fused, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.x_shape = fused, scaling, dropout_p, seed, x.shape
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _function_backward(ctx, grad_y):
+    x2, weight, lora_A, lora_B, u, mask2 = ctx.saved_tensors
+    need_x, _weight, _bias, need_A, need_B, *_ = ctx.needs_input_grad
+    g = grad_y.reshape(-1, weight.shape[0])
+    backward = lora_backward_triton if ctx.fused else lora_backward
+    dx, dA, dB = backward(g, x2, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, mask2, ctx.seed,
+                          LoRANeeds(need_x, need_A, need_B))
+    dx = None if dx is None else dx.reshape(ctx.x_shape)
+    return dx, None, None, dA, dB, None, None, None, None
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    r"""Forward and backward of a LoRA linear layer with a frozen base weight, torch path
+    (``lora_forward``/``lora_backward``).
+
+    Forward, over the N = prod(x.shape[:-1]) rows of x:
+
+        x_d = x ⊙ M / (1 - p)          (M: Bernoulli(1 - p) mask; x_d = x when p = 0)
+        u   = x_d · Aᵀ                  [N, r]   saved: it is needed again for dB
+        y   = x · Wᵀ + b + s · u · Bᵀ
+
+    Backward, with g = dL/dy [N, out]:
+
+        dL/du = s · g · B               [N, r]
+        dL/dB = s · gᵀ · u              [out, r]   (reuses u: no second x·Aᵀ)
+        dL/dA = (dL/du)ᵀ · x_d          [r, in]
+        dL/dx = g · W + (dL/du · A) ⊙ M / (1 - p)
+
+    dL/dW = gᵀ · x is never formed: W is frozen, and that product is the single largest
+    matmul of the backward pass ([out, N] × [N, in]). The bias is frozen too.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask, seed):
+        return _function_forward(ctx, False, x, weight, bias, lora_A, lora_B, scaling, dropout_p,
+                                 dropout_mask, seed)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _function_backward(ctx, grad_y)
 
 
 class LoRALinearTritonFunction(torch.autograd.Function):
-    r"""The LoRA linear layer on the Triton kernels; the same math as ``LoRALinearFunction``.
+    r"""The LoRA linear layer on the Triton kernels (``lora_forward_triton``/
+    ``lora_backward_triton``); the same math as ``LoRALinearFunction``.
 
     Forward (one kernel), with M = Bernoulli keep-mask regenerated from ``seed``:
 
@@ -449,40 +563,31 @@ class LoRALinearTritonFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask, seed):
-        x2 = x.reshape(-1, x.shape[-1])
-        mode = 0 if dropout_p == 0.0 else 2 if dropout_mask is not None else 1
-        mask2 = None if dropout_mask is None else dropout_mask.reshape(x2.shape)
-        y, u = _lora_forward_triton(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, mode, seed, mask2)
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, u, mask2)
-        ctx.scaling, ctx.dropout_p, ctx.mode, ctx.seed, ctx.x_shape = scaling, dropout_p, mode, seed, x.shape
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        return _function_forward(ctx, True, x, weight, bias, lora_A, lora_B, scaling, dropout_p,
+                                 dropout_mask, seed)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2, weight, lora_A, lora_B, u, mask2 = ctx.saved_tensors
-        g = grad_y.reshape(-1, weight.shape[0])
-        need_dx, need_dA, need_dB = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        dx, dA, _ = _lora_backward_triton(g, x2, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, ctx.mode,
-                                          ctx.seed, mask2, need_dx, need_dA)
-        dB = (g.t() @ u).mul_(ctx.scaling) if need_dB else None
-        dx = None if dx is None else dx.reshape(ctx.x_shape)
-        return dx, None, None, dA, dB, None, None, None, None
+        return _function_backward(ctx, grad_y)
 
 
-def _triton_ineligible(x, weight, bias, lora_A, lora_B) -> str | None:
-    """Why the Triton path cannot run this call (None when it can)."""
-    tensors = [x, weight, lora_A, lora_B] + ([] if bias is None else [bias])
-    if len({t.dtype for t in tensors}) != 1:
-        return "x, W, b, A and B do not share one dtype"
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {x.dtype} is not supported by the kernels"
-    if lora_A.shape[0] > MAX_RANK:
-        return f"rank {lora_A.shape[0]} > {MAX_RANK}"
+# ---------------------------------------------------------------------------------------
+# The op: checks, casting, dispatch, dropout. Shared with nf4.nf4_lora_linear.
+# ---------------------------------------------------------------------------------------
+
+
+def triton_ineligible(dtype: torch.dtype, rank: int) -> str | None:
+    """Why the LoRA kernels cannot run a call in ``dtype`` at rank ``rank`` (None when they can)."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {dtype} is not supported by the kernels"
+    if rank > MAX_RANK:
+        return f"rank {rank} > {MAX_RANK}"
     return None
 
 
 @functools.cache
-def _log_fallback(reason: str) -> None:
+def log_fallback(reason: str) -> None:
+    """Warn, once per reason and process, that the torch path runs instead of the kernels."""
     logger.warning("lora_linear: running the torch path instead of Triton: %s", reason)
 
 
@@ -496,17 +601,43 @@ def dropout_mask_like(x: torch.Tensor, p: float, generator: torch.Generator | No
     rounded to a multiple of 1/65536 (0.05 -> 0.0500031).
     """
     if x.device.type != "cpu":
-        return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p, generator=generator)
+        keep = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+        return keep.bernoulli_(1.0 - p, generator=generator)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-    words = np.random.Generator(np.random.PCG64(seed)).integers(-(1 << 15), 1 << 15, size=x.shape, dtype=np.int16)
+    words = np.random.Generator(np.random.PCG64(seed)).integers(-(1 << 15), 1 << 15, size=x.shape,
+                                                                dtype=np.int16)
     return torch.from_numpy(words) >= round(p * (1 << 16)) - (1 << 15)
+
+
+def check_dropout(op: str, x: torch.Tensor, dropout_p: float, dropout_mask: torch.Tensor | None) -> None:
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p={dropout_p} must lie in [0, 1)")
+    if dropout_p > 0.0 and dropout_mask is not None and dropout_mask.shape != x.shape:
+        raise ValueError(f"{op}: dropout_mask {tuple(dropout_mask.shape)} != x {tuple(x.shape)}")
+
+
+def draw_dropout(x, dropout_p: float, dropout_mask, seed, fused: bool):
+    """``(mask, seed)`` a call runs with. No dropout: (None, 0). The kernels (``fused``) draw
+    the mask from a seed when no mask is given (one from torch's CPU generator when ``seed``
+    is None, so ``torch.manual_seed`` reproduces it); the other paths need a bool mask, drawn
+    by ``dropout_mask_like`` (from ``seed`` when one is given)."""
+    if dropout_p == 0.0:
+        return None, 0
+    if dropout_mask is None:
+        if fused:
+            seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if seed is None else seed
+        else:
+            generator = None if seed is None else torch.Generator(x.device).manual_seed(seed)
+            dropout_mask = dropout_mask_like(x, dropout_p, generator)
+    return dropout_mask, 0 if seed is None else seed
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, dropout_mask=None, seed=None):
     """``x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`` with W (and b) frozen: no gradient is computed for them.
 
-    All tensors must share one dtype (the caller casts; see ``peftloop.lora.LoRALinear``);
-    under autocast they are cast to the autocast dtype here, as ``F.linear`` would.
+    Dtypes: the op computes in ``compute_dtype(x)`` (autocast's for x's device when autocast
+    is on, else x's dtype) and casts x, W, b, A and B to it itself, differentiably, on every
+    backend: the result has that dtype, and fp32 A and B under bf16 receive fp32 gradients.
     With ``dropout_p > 0``: pass ``dropout_mask`` (bool, x's shape) to fix the mask on every
     path. Without one, the Triton path draws the mask from ``seed`` inside the kernels (an
     int; drawn from torch's CPU generator when None, so ``torch.manual_seed`` reproduces it;
@@ -514,31 +645,18 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, dropout
     """
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("lora_linear: the base weight and bias must be frozen (requires_grad=False)")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"lora_linear: dropout_p={dropout_p} must lie in [0, 1)")
-    if dropout_p == 0.0:
-        dropout_mask = None
-    elif dropout_mask is not None and dropout_mask.shape != x.shape:
-        raise ValueError(f"lora_linear: dropout_mask {tuple(dropout_mask.shape)} != x {tuple(x.shape)}")
+    check_dropout("lora_linear", x, dropout_p, dropout_mask)
+    dtype = compute_dtype(x)
+    x, weight, bias, lora_A, lora_B = cast_all(dtype, x, weight, bias, lora_A, lora_B)
     impl = backend_for(x)
-    dtype = autocast_dtype(x)
-    if dtype is not None and impl != "reference":
-        x, weight, lora_A, lora_B = x.to(dtype), weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
     if impl == "triton":
-        reason = _triton_ineligible(x, weight, bias, lora_A, lora_B)
-        if reason is None:
-            if dropout_p > 0.0 and dropout_mask is None and seed is None:
-                seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-            with torch.autocast(x.device.type, enabled=False):
-                return LoRALinearTritonFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
-                                                      dropout_mask, 0 if seed is None else seed)
-        _log_fallback(reason)
-        impl = "torch"
-    if dropout_p > 0.0 and dropout_mask is None:
-        generator = None if seed is None else torch.Generator(x.device).manual_seed(seed)
-        dropout_mask = dropout_mask_like(x, dropout_p, generator)
-    if impl == "reference":
-        return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask)
+        reason = triton_ineligible(dtype, lora_A.shape[0])
+        if reason is not None:
+            log_fallback(reason)
+            impl = "torch"
+    dropout_mask, seed = draw_dropout(x, dropout_p, dropout_mask, seed, fused=impl == "triton")
     with torch.autocast(x.device.type, enabled=False):
-        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask)
+        if impl == "reference":
+            return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask)
+        function = LoRALinearTritonFunction if impl == "triton" else LoRALinearFunction
+        return function.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask, seed)

@@ -39,8 +39,22 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import autocast_dtype, backend_for, interpreting, matmul_dtype
+from ._dispatch import backend_for, interpreting
 from ._triton_utils import cast, new_output, tl, triton
+from .lora_linear import (
+    LoRANeeds,
+    cast_all,
+    check_dropout,
+    compute_dtype,
+    draw_dropout,
+    log_fallback,
+    lora_backward,
+    lora_backward_triton,
+    lora_forward,
+    lora_forward_triton,
+    lora_linear_reference,
+    triton_ineligible,
+)
 
 # The 16 NF4 values: quantiles of N(0, 1) (8 negative, 0, 7 positive, plus ±1 at the ends),
 # normalised to [-1, 1]. bitsandbytes functional.get_4bit_type("nf4"), from
@@ -127,8 +141,10 @@ def check_state(state: NF4State) -> None:
                          f"expected {want} with {blocks} (blocks of {state.blocksize})")
     if state.double_quant:
         nested = -(-blocks // NESTED_BLOCKSIZE)
-        if state.nested_absmax.numel() != nested or state.nested_offset is None or state.nested_offset.numel() != 1:
-            raise ValueError(f"NF4: nested_absmax has {state.nested_absmax.numel()} elements (expected {nested}) "
+        offset = state.nested_offset
+        if state.nested_absmax.numel() != nested or offset is None or offset.numel() != 1:
+            raise ValueError(f"NF4: nested_absmax has {state.nested_absmax.numel()} elements "
+                             f"(expected {nested}) "
                              "or nested_offset is not one value")
 
 
@@ -152,7 +168,8 @@ def absmax_reference(state: NF4State) -> torch.Tensor:
 
 
 def nf4_dequantize_reference(state: NF4State, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The definition of correct: ``NF4_CODE[code(i)] · absmax[i // blocksize]`` in fp32, cast to ``dtype``."""
+    """The definition of correct: ``NF4_CODE[code(i)] · absmax[i // blocksize]`` in fp32, cast to
+    ``dtype``."""
     codes = torch.stack((state.packed >> 4, state.packed & 0xF), dim=-1).reshape(-1)[: state.numel]
     values = nf4_code(state.packed.device)[codes.long()]
     return _blockwise(values, absmax_reference(state), state.blocksize).reshape(state.shape).to(dtype)
@@ -184,8 +201,8 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _nf4_dequant_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_offset_ptr, code_ptr, nested_code_ptr,
-                        out_ptr, n_elements, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+def _nf4_dequant_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_offset_ptr, code_ptr,
+                        nested_code_ptr, out_ptr, n_elements, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
                         NESTED_BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
     """Elements [2·BLOCK·pid, 2·BLOCK·(pid+1)) of W: each lane decodes one byte (two elements,
     in one quantisation block since BLOCKSIZE is even) and the pair is stored interleaved."""
@@ -246,8 +263,6 @@ def nf4_dequantize(state: NF4State, dtype: torch.dtype = torch.float32) -> torch
 def nf4_lora_linear_reference(x, state, bias=None, lora_A=None, lora_B=None, scaling=1.0, dropout_p=0.0,
                               dropout_mask=None):
     """The definition of correct: the dequantised weight, then ``lora_linear_reference`` (or F.linear)."""
-    from .lora_linear import lora_linear_reference
-
     weight = nf4_dequantize_reference(state, x.dtype)
     if lora_A is None:
         return F.linear(x, weight, bias)
@@ -258,108 +273,54 @@ class NF4LinearFunction(torch.autograd.Function):
     r"""``y = x·Wᵀ + b + s·u·Bᵀ``, ``u = x_d·Aᵀ``, W = dequant(state) frozen; the LoRA terms
     are absent when A and B are None.
 
-    Forward: W is dequantised to x's dtype, used, and dropped. Saved: x (only when A needs
-    a gradient), u = x_d·Aᵀ ([N, r]), the dropout mask (bool) and the NF4 state (the frozen
-    4-bit tensors themselves, as ``ctx.state``: no copy, never the dequantised weight).
-
-    Backward, with g = dL/dy (as ``LoRALinearFunction``; W is frozen, so no dL/dW):
-
-        dL/du = s · g · B
-        dL/dB = s · gᵀ · u
-        dL/dA = (dL/du)ᵀ · x_d
-        dL/dx = g · W + (dL/du · A) ⊙ M/(1 − p)         W dequantised again, only if x needs it
-
-    On the Triton path the matmuls are ``lora_linear``'s fused kernels on the dequantised W
-    (the dx kernel skips g·W when x needs no gradient, and W is then not dequantised at all).
+    The arithmetic is ``lora_linear``'s (``lora_forward``/``lora_backward``, or their Triton
+    twins when ``fused``) on the dequantised W; see ``LoRALinearFunction`` for the backward
+    pass. What differs is what is kept between the passes: W is dequantised to x's dtype in
+    the forward pass, used, and dropped; the backward pass dequantises it again, only when x
+    needs a gradient. Saved: x (only when A needs a gradient), u = x_d·Aᵀ ([N, r]), the
+    dropout mask (bool) and the NF4 state (the frozen 4-bit tensors themselves, as
+    ``ctx.state``: no copy, never the dequantised weight).
     """
 
     @staticmethod
     def forward(ctx, x, bias, lora_A, lora_B, state, scaling, dropout_p, dropout_mask, seed, impl, fused):
         x2 = x.reshape(-1, x.shape[-1])
-        # bf16 on a CPU without bf16 hardware: multiply in fp32 on the bf16 values, rounding y
-        # once (_dispatch.matmul_dtype); the saved tensors stay in x's dtype.
-        ctx.out_dtype, compute = x.dtype, (x.dtype if fused else matmul_dtype(x))
-        saved_A, saved_B = lora_A, lora_B
-        if compute != x.dtype:
-            x2 = x2.to(compute)
-            bias = None if bias is None else bias.to(compute)
-            lora_A = None if lora_A is None else lora_A.to(compute)
-            lora_B = None if lora_B is None else lora_B.to(compute)
-        # Dequantised into x's dtype first: the weight is rounded to bf16 exactly as on a GPU.
-        weight = _dequantize(state, x.dtype, impl).to(compute)
-        has_lora = lora_A is not None
         mask2 = None if dropout_mask is None else dropout_mask.reshape(x2.shape)
-        mode = 0 if dropout_p == 0.0 else 2 if mask2 is not None else 1
-        u = None
-        if has_lora and fused:
-            from .lora_linear import _lora_forward_triton
-
-            y, u = _lora_forward_triton(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, mode, seed, mask2)
-        else:
-            y = F.linear(x2, weight, bias)
-            if has_lora:
-                x_lora = x2 if mask2 is None else x2 * mask2 * (1.0 / (1.0 - dropout_p))
-                u = x_lora @ lora_A.t()
-                y.addmm_(u, lora_B.t(), alpha=scaling)
+        # Dequantised into x's dtype: the weight is rounded to bf16 exactly as on a GPU.
+        weight = _dequantize(state, x.dtype, impl)
+        forward = lora_forward_triton if fused else lora_forward
+        y, u = forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, mask2, seed)
         del weight
-        keep_x = has_lora and ctx.needs_input_grad[2]
-        ctx.save_for_backward(x.reshape(-1, x.shape[-1]) if keep_x else None, saved_A, saved_B, u, mask2)
-        ctx.state, ctx.impl, ctx.fused, ctx.has_lora = state, impl, fused, has_lora
-        ctx.scaling, ctx.dropout_p, ctx.mode, ctx.seed, ctx.x_shape = scaling, dropout_p, mode, seed, x.shape
-        return y.reshape(*x.shape[:-1], state.shape[0]).to(ctx.out_dtype)
+        _need_x, _bias, need_A, *_ = ctx.needs_input_grad
+        ctx.save_for_backward(x2 if need_A else None, lora_A, lora_B, u, mask2)
+        ctx.state, ctx.impl, ctx.fused, ctx.dtype = state, impl, fused, x.dtype
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.x_shape = scaling, dropout_p, seed, x.shape
+        return y.reshape(*x.shape[:-1], state.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):
         x2, lora_A, lora_B, u, mask2 = ctx.saved_tensors
-        state, s, p = ctx.state, ctx.scaling, ctx.dropout_p
-        out_features, in_features = state.shape
-        g = grad_y.reshape(-1, out_features)
-        compute = g.dtype if ctx.fused else matmul_dtype(g)
-        if compute != g.dtype:
-            g, x2, lora_A, lora_B = (None if t is None else t.to(compute) for t in (g, x2, lora_A, lora_B))
-        need_dx, need_dA = ctx.needs_input_grad[0], ctx.has_lora and ctx.needs_input_grad[2]
-        need_dB = ctx.has_lora and ctx.needs_input_grad[3]
-        weight = _dequantize(state, ctx.out_dtype, ctx.impl).to(g.dtype) if need_dx else None
-        grad_x = grad_A = grad_B = None
-        if ctx.has_lora and ctx.fused:
-            from .lora_linear import _lora_backward_triton
-
-            if need_dx or need_dA:
-                # Without dx the kernel reads only the weight's shape: a zero-stride stand-in.
-                w = weight if need_dx else g.new_empty(1).expand(out_features, in_features)
-                grad_x, grad_A, _ = _lora_backward_triton(g, x2, w, lora_A, lora_B, s, p, ctx.mode, ctx.seed, mask2,
-                                                          need_dx, need_dA)
-        elif ctx.has_lora:
-            grad_u = (g @ lora_B).mul_(s)
-            if need_dA:
-                x_lora = x2 if mask2 is None else x2 * mask2 * (1.0 / (1.0 - p))
-                grad_A = grad_u.t() @ x_lora
-            if need_dx:
-                grad_x_lora = grad_u @ lora_A
-                if mask2 is not None:
-                    grad_x_lora.mul_(mask2).mul_(1.0 / (1.0 - p))
-                grad_x = torch.addmm(grad_x_lora, g, weight)
-        elif need_dx:
-            grad_x = g @ weight
-        if need_dB:
-            grad_B = (g.t() @ u).mul_(s)
-        grad_x = None if grad_x is None else grad_x.reshape(ctx.x_shape)
-        grad_x, grad_A, grad_B = (None if t is None else t.to(ctx.out_dtype) for t in (grad_x, grad_A, grad_B))
-        return grad_x, None, grad_A, grad_B, None, None, None, None, None, None, None
+        need_x, _bias, need_A, need_B, *_ = ctx.needs_input_grad
+        g = grad_y.reshape(-1, ctx.state.shape[0])
+        weight = _dequantize(ctx.state, ctx.dtype, ctx.impl) if need_x else None
+        backward = lora_backward_triton if ctx.fused else lora_backward
+        dx, dA, dB = backward(g, x2, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, mask2, ctx.seed,
+                              LoRANeeds(need_x, need_A, need_B))
+        dx = None if dx is None else dx.reshape(ctx.x_shape)
+        return dx, None, dA, dB, None, None, None, None, None, None, None
 
 
 def nf4_lora_linear(x, state: NF4State, bias=None, lora_A=None, lora_B=None, scaling: float = 1.0,
                     dropout_p: float = 0.0, dropout_mask=None, seed=None):
     """``x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`` with W the NF4 weight ``state`` (frozen, like b).
 
-    Without ``lora_A``/``lora_B`` it is the plain 4-bit linear layer ``x·Wᵀ + b``. W is
-    dequantised to x's dtype (the autocast dtype under autocast, to which x, A, B and b are
-    cast here, as F.linear would). Dropout as in ``lora_linear``: a ``dropout_mask`` (bool,
-    x's shape) fixes the mask; otherwise the Triton path draws it from ``seed`` in the
-    kernels and the torch path from torch's RNG.
+    Without ``lora_A``/``lora_B`` it is the plain 4-bit linear layer ``x·Wᵀ + b``. Dtypes as
+    ``lora_linear``: the op computes in ``compute_dtype(x)`` (autocast's when it is on, else
+    x's), casting x, b, A and B to it itself (differentiably, on every backend) and
+    dequantising W into it. Dropout as in ``lora_linear``: a ``dropout_mask`` (bool, x's
+    shape) fixes the mask; otherwise the Triton path draws it from ``seed`` in the kernels and
+    the torch path from torch's RNG.
     """
-    from .lora_linear import _log_fallback, _triton_ineligible, dropout_mask_like
-
     if bias is not None and bias.requires_grad:
         raise ValueError("nf4_lora_linear: the bias of a 4-bit layer must be frozen (requires_grad=False)")
     if x.shape[-1] != state.shape[1]:
@@ -367,38 +328,22 @@ def nf4_lora_linear(x, state: NF4State, bias=None, lora_A=None, lora_B=None, sca
                          f"takes {state.shape[1]}")
     if (lora_A is None) != (lora_B is None):
         raise ValueError("nf4_lora_linear: pass both lora_A and lora_B, or neither")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"nf4_lora_linear: dropout_p={dropout_p} must lie in [0, 1)")
-    if lora_A is None or dropout_p == 0.0:
-        dropout_p, dropout_mask = 0.0, None
-    elif dropout_mask is not None and dropout_mask.shape != x.shape:
-        raise ValueError(f"nf4_lora_linear: dropout_mask {tuple(dropout_mask.shape)} != x {tuple(x.shape)}")
+    check_dropout("nf4_lora_linear", x, dropout_p, None if lora_A is None else dropout_mask)
+    if lora_A is None:  # no LoRA branch: nothing to drop
+        dropout_p = 0.0
+    dtype = compute_dtype(x)
+    x, bias, lora_A, lora_B = cast_all(dtype, x, bias, lora_A, lora_B)
     impl = backend_for(x)
-    dtype = autocast_dtype(x)
-    if dtype is not None:
-        x = x.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-        if lora_A is not None:
-            lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
-    if impl == "reference":
-        if dropout_p > 0.0 and dropout_mask is None:
-            generator = None if seed is None else torch.Generator(x.device).manual_seed(seed)
-            dropout_mask = dropout_mask_like(x, dropout_p, generator)
-        return nf4_lora_linear_reference(x, state, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask)
     # The matmuls: lora_linear's fused kernels on the dequantised weight (Triton), else torch's.
     fused = impl == "triton" and lora_A is not None
     if fused:
-        stand_in = x.new_empty(1).expand(state.shape)  # the dequantised weight will have x's dtype
-        reason = _triton_ineligible(x, stand_in, bias, lora_A, lora_B)
+        reason = triton_ineligible(dtype, lora_A.shape[0])
         if reason is not None:
-            _log_fallback(reason)
+            log_fallback(reason)
             fused = False
-    if dropout_p > 0.0 and dropout_mask is None:
-        if fused and seed is None:
-            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-        elif not fused:
-            generator = None if seed is None else torch.Generator(x.device).manual_seed(seed)
-            dropout_mask = dropout_mask_like(x, dropout_p, generator)
+    dropout_mask, seed = draw_dropout(x, dropout_p, dropout_mask, seed, fused)
     with torch.autocast(x.device.type, enabled=False):
-        return NF4LinearFunction.apply(x, bias, lora_A, lora_B, state, scaling, dropout_p, dropout_mask,
-                                       0 if seed is None else seed, impl, fused)
+        if impl == "reference":
+            return nf4_lora_linear_reference(x, state, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask)
+        return NF4LinearFunction.apply(x, bias, lora_A, lora_B, state, scaling, dropout_p, dropout_mask, seed,
+                                       impl, fused)

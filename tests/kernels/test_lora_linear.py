@@ -26,7 +26,7 @@ from kernel_utils import (
 from tolerances import assert_close
 
 from peftloop.kernels import backend, lora_dropout_mask, lora_linear
-from peftloop.kernels.lora_linear import MAX_RANK, _log_fallback, dropout_mask_like, lora_linear_reference
+from peftloop.kernels.lora_linear import MAX_RANK, dropout_mask_like, log_fallback, lora_linear_reference
 
 BATCH, SEQ, IN, OUT, RANK = 3, 7, 35, 19, 5  # 21 rows: 2 row tiles, 3 steps over K, 2 column tiles
 SCALING = 2.0
@@ -174,11 +174,28 @@ def test_lora_linear_under_bf16_autocast(impl):
     assert_grads_close(got, expected, torch.bfloat16, ["x", "lora_A", "lora_B"])
 
 
+@pytest.mark.parametrize("impl", [*IMPLS, "reference"])
+def test_lora_linear_casts_mixed_dtypes_itself(impl):
+    """The op owns the casting: bf16 x and W with fp32 A and B (a bf16 model's fp32 adapter),
+    autocast off, compute in x's dtype; the fp32 parameters get fp32 gradients, and every value
+    equals the call on the tensors cast by the caller."""
+    x, weight, b, lora_A, lora_B = _layer(torch.bfloat16, seed=80)
+    A32, B32 = fp32_copy(lora_A), fp32_copy(lora_B)
+    y = run(impl, lora_linear, x, weight, b, A32, B32, SCALING)
+    y_cast = run(impl, lora_linear, x, weight, b, lora_A, lora_B, SCALING)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_cast)
+    got = grads(y, [x, A32, B32], torch.bfloat16)
+    expected = grads(y_cast, [x, lora_A, lora_B], torch.bfloat16)
+    assert [g.dtype for g in got] == [torch.bfloat16, torch.float32, torch.float32]
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e.to(g.dtype))
+
+
 @needs_triton
 def test_lora_triton_falls_back_above_max_rank(caplog):
     """The fallback is logged once per reason per process; the test starts from a clean slate
     so that it passes whichever test ran (and fell back for the same reason) before it."""
-    _log_fallback.cache_clear()
+    log_fallback.cache_clear()
     x, weight, b, lora_A, lora_B = _layer(torch.float32, rank=MAX_RANK + 1, seed=70)
     with caplog.at_level(logging.WARNING, logger="peftloop.kernels.lora_linear"):
         _check("triton", x, weight, b, lora_A, lora_B, torch.float32)

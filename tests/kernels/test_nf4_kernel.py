@@ -139,6 +139,21 @@ def test_autocast_computes_in_the_autocast_dtype(impl):
     assert_grads_close(got, expected, torch.bfloat16, ["x", "lora_A", "lora_B"])
 
 
+@pytest.mark.parametrize("impl", [*IMPLS, "reference"])
+def test_mixed_dtypes_are_cast_by_the_op(impl):
+    """bf16 x, fp32 A, B and bias, autocast off: computed in x's dtype, as if the caller had
+    cast them; the fp32 adapters get fp32 gradients."""
+    x, state, b, A, B = _layer_inputs(torch.bfloat16)
+    A32, B32 = fp32_copy(A), fp32_copy(B)
+    y = run(impl, nf4_lora_linear, x, state, b.float(), A32, B32, 2.0)
+    y_cast = run(impl, nf4_lora_linear, x, state, b, A, B, 2.0)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_cast)
+    got, expected = grads(y, [x, A32, B32], torch.bfloat16), grads(y_cast, [x, A, B], torch.bfloat16)
+    assert [g.dtype for g in got] == [torch.bfloat16, torch.float32, torch.float32]
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e.to(g.dtype))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_the_dequantised_weight_is_never_saved_for_backward(impl):
     """What autograd keeps between forward and backward: x, u = x·Aᵀ, A, B, never a weight-sized tensor."""
