@@ -42,8 +42,9 @@ def run_training(out: Path, resume: bool) -> int:
     inject_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1))
     data = toy_examples(20, seed=1)
     config = TrainConfig(output_dir=str(out), micro_batch_size=3, grad_accum=2, max_steps=STEPS, save_every=2,
-                         save_total_limit=2, eval_every=3, learning_rate=5e-3, warmup_steps=2, lr_scheduler="cosine",
-                         weight_decay=0.01, resume_from_checkpoint=True if resume else None, progress_bar=False)
+                         save_total_limit=2, eval_every=3, learning_rate=5e-3, warmup_steps=2,
+                         lr_scheduler="cosine", weight_decay=0.01,
+                         resume_from_checkpoint=True if resume else None, progress_bar=False)
     return train(model, data, data[:4], config).global_step
 
 
@@ -81,7 +82,8 @@ def install(point: str) -> None:
     elif kind == "backward":  # mid-step: inside backward
         ll = sys.modules["peftloop.kernels.lora_linear"]  # the package re-exports a function of that name
 
-        ll.LoRALinearFunction.backward = staticmethod(nth_call(n, lambda *a, **k: die())(ll.LoRALinearFunction.backward))
+        backward = nth_call(n, lambda *a, **k: die())(ll.LoRALinearFunction.backward)
+        ll.LoRALinearFunction.backward = staticmethod(backward)
     elif kind == "optimizer":  # after backward, before the update
         torch.optim.AdamW.step = nth_call(n, lambda *a, **k: die())(torch.optim.AdamW.step)
     elif kind == "save_file":  # mid-save: a torn safetensors file

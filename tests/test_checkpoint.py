@@ -129,8 +129,9 @@ def test_minimal_peft_config_loads(tmp_path):
         out_features, in_features = base.get_submodule(module).weight.shape
         written[module] = (torch.arange(4 * in_features).reshape(4, in_features) / 64 - k,  # A: [r, in]
                            torch.arange(out_features * 4).reshape(out_features, 4) / 32 + k)  # B: [out, r]
-    save_file({f"base_model.model.{m}.lora_{ab}.weight": t for m, pair in written.items() for ab, t in zip("AB", pair)},
-              folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    tensors = {f"base_model.model.{m}.lora_{ab}.weight": t
+               for m, pair in written.items() for ab, t in zip("AB", pair)}
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
 
     model = load_adapter(tiny_model(), folder)
 
@@ -157,8 +158,8 @@ def test_manifest_detects_damage_and_latest_skips_it(tmp_path):
     from peftloop.train import train
     from tests.helpers import toy_examples
 
-    train(adapted(), toy_examples(8), config=TrainConfig(output_dir=str(tmp_path), micro_batch_size=2, max_steps=4,
-                                                         save_every=2, progress_bar=False))
+    train(adapted(), toy_examples(8), config=TrainConfig(output_dir=str(tmp_path), micro_batch_size=2,
+                                                         max_steps=4, save_every=2, progress_bar=False))
     assert latest_checkpoint(tmp_path).name == "checkpoint-4"
     optimizer = tmp_path / "checkpoint-4" / "optimizer.safetensors"
     data = bytearray(optimizer.read_bytes())
@@ -176,8 +177,8 @@ def test_training_state_never_uses_pickle(tmp_path):
     from peftloop.train import train
     from tests.helpers import toy_examples
 
-    train(adapted(), toy_examples(4), config=TrainConfig(output_dir=str(tmp_path), micro_batch_size=2, max_steps=2,
-                                                         save_every=2, progress_bar=False))
+    train(adapted(), toy_examples(4), config=TrainConfig(output_dir=str(tmp_path), micro_batch_size=2,
+                                                         max_steps=2, save_every=2, progress_bar=False))
     names = sorted(p.name for p in (tmp_path / "checkpoint-2").iterdir())
-    assert names == ["adapter_config.json", "adapter_model.safetensors", "manifest.json", "optimizer.safetensors",
-                     "rng_state.safetensors", "trainer_state.json"]
+    assert names == ["adapter_config.json", "adapter_model.safetensors", "manifest.json",
+                     "optimizer.safetensors", "rng_state.safetensors", "trainer_state.json"]

@@ -9,14 +9,15 @@ from peftloop.config_io import build, load_toml, parse_overrides
 
 def test_overrides_are_typed_by_the_field():
     out = parse_overrides(["--learning_rate", "1e-4", "--max-steps", "7", "--shuffle", "false",
-                           "--target_modules", "q_proj,v_proj", "--lora.r", "16", "--resume_from_checkpoint", "true",
-                           "--precision=bf16"], SCHEMA)
-    assert out == {"train": {"learning_rate": 1e-4, "max_steps": 7, "shuffle": False, "resume_from_checkpoint": True,
-                             "precision": "bf16"},
+                           "--target_modules", "q_proj,v_proj", "--lora.r", "16",
+                           "--resume_from_checkpoint", "true", "--precision=bf16"], SCHEMA)
+    assert out == {"train": {"learning_rate": 1e-4, "max_steps": 7, "shuffle": False,
+                             "resume_from_checkpoint": True, "precision": "bf16"},
                    "lora": {"target_modules": ["q_proj", "v_proj"], "r": 16}}
-    assert parse_overrides(["--target_modules", "all-linear"], SCHEMA)["lora"]["target_modules"] == "all-linear"
-    assert parse_overrides(["--target_modules", "q_proj"], SCHEMA)["lora"]["target_modules"] == ["q_proj"]
-    assert parse_overrides(["--target_modules", r".*\.q_proj"], SCHEMA)["lora"]["target_modules"] == r".*\.q_proj"
+    targets = lambda value: parse_overrides(["--target_modules", value], SCHEMA)["lora"]["target_modules"]
+    assert targets("all-linear") == "all-linear"
+    assert targets("q_proj") == ["q_proj"]
+    assert targets(r".*\.q_proj") == r".*\.q_proj"
     assert parse_overrides(["--resume_from_checkpoint", "out/checkpoint-5"], SCHEMA)["train"] == {
         "resume_from_checkpoint": "out/checkpoint-5"}
 
@@ -52,14 +53,16 @@ def test_ints_are_accepted_where_floats_are_declared():
 
 def test_toml_and_unknown_keys(tmp_path):
     good = tmp_path / "good.toml"
-    good.write_text('[train]\nlearning_rate = 1e-4\nmax_steps = 3\n[lora]\nr = 4\ntarget_modules = ["q_proj"]\n')
+    good.write_text('[train]\nlearning_rate = 1e-4\nmax_steps = 3\n'
+                    '[lora]\nr = 4\ntarget_modules = ["q_proj"]\n')
     sections = load_toml(good)
     assert build(TrainConfig, sections["train"], "train").max_steps == 3
     assert build(LoraConfig, sections["lora"], "lora").target_modules == ["q_proj"]
 
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nlearnin_rate = 1e-4\n")
-    with pytest.raises(ConfigError, match=r"bad.toml: unknown key train.learnin_rate; did you mean 'learning_rate'"):
+    message = r"bad.toml: unknown key train.learnin_rate; did you mean 'learning_rate'"
+    with pytest.raises(ConfigError, match=message):
         build(TrainConfig, load_toml(bad)["train"], "train", str(bad))
     bad.write_text("[trian]\nx = 1\n")
     with pytest.raises(ConfigError, match=r"unknown section \[trian\]"):
@@ -89,7 +92,8 @@ def test_each_layer_reports_the_alpha_and_scaling_it_computes_with(use_rslora):
                         use_rslora=use_rslora, target_modules=["q_proj", "k_proj", "v_proj"])
     layers = lora_layers(inject_lora(tiny_model(), config))
     norm = (lambda r: r**0.5) if use_rslora else (lambda r: r)
-    expected = {"q_proj": (8, 16, 16 / norm(8)), "k_proj": (8, 3.0, 3.0 / norm(8)), "v_proj": (4, 16, 16 / norm(4))}
+    expected = {"q_proj": (8, 16, 16 / norm(8)), "k_proj": (8, 3.0, 3.0 / norm(8)),
+                "v_proj": (4, 16, 16 / norm(4))}
     for name, layer in layers.items():
         r, alpha, scaling = expected[name.rsplit(".", 1)[-1]]
         assert (layer.r, layer.lora_alpha, layer.use_rslora) == (r, alpha, use_rslora), name

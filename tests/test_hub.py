@@ -51,7 +51,8 @@ def test_a_hub_id_loads_from_the_cache_offline(offline_cache, folder):
 
 
 def test_offline_misses_are_clear_errors(offline_cache):
-    with pytest.raises(ModelNotFoundError, match=r"tiny-org/other \(revision main\): not in .*HF_HUB_OFFLINE is set"):
+    with pytest.raises(ModelNotFoundError,
+                       match=r"tiny-org/other \(revision main\): not in .*HF_HUB_OFFLINE is set"):
         load_pretrained("tiny-org/other", cache_dir=offline_cache)
     with pytest.raises(ModelNotFoundError, match=r"revision v2.0"):
         load_pretrained("tiny-org/tiny-model", revision="v2.0", cache_dir=offline_cache)
@@ -79,7 +80,8 @@ def test_keys_a_family_does_not_read_are_kept_but_unused(folder, tmp_path):
     save_pretrained(model, tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["sliding_window"] == 2
     edit_config(folder, model_type="qwen2", architectures=["Qwen2ForCausalLM"], attention_bias=True)
-    with pytest.raises(CheckpointFormatError, match="tensor\\(s\\) missing .*q_proj.bias"):  # qwen2: q/k/v bias always
+    # qwen2: q/k/v bias always
+    with pytest.raises(CheckpointFormatError, match="tensor\\(s\\) missing .*q_proj.bias"):
         load_pretrained(folder)
 
 
@@ -96,9 +98,11 @@ def test_sharded_checkpoints_and_dtypes(tmp_path):
     for dtype, torch_dtype in [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)]:
         loaded = load_pretrained(tmp_path / "sharded", dtype=dtype)
         assert {p.dtype for p in loaded.parameters()} == {torch_dtype}
-        assert not any(p.is_meta for p in loaded.parameters()) and not loaded.model.rotary_emb.inv_freq.is_meta
+        assert not any(p.is_meta for p in loaded.parameters())
+        assert not loaded.model.rotary_emb.inv_freq.is_meta
         assert loaded.config.torch_dtype == str(torch_dtype).removeprefix("torch.")
-    torch.testing.assert_close(logits(load_pretrained(tmp_path / "sharded")), logits(model.eval()), rtol=0, atol=0)
+    torch.testing.assert_close(logits(load_pretrained(tmp_path / "sharded")), logits(model.eval()),
+                               rtol=0, atol=0)
 
 
 def test_tied_checkpoints_share_the_head(folder):
@@ -124,14 +128,16 @@ def edit_weights(folder, change):
 
 def test_unknown_architecture_lists_the_supported_ones(folder):
     edit_config(folder, architectures=["GPT2LMHeadModel"], model_type="gpt2")
-    with pytest.raises(CheckpointFormatError, match=r"config.json: architecture 'GPT2LMHeadModel' is not supported; "
-                       r"supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+    with pytest.raises(CheckpointFormatError,
+                       match=r"config.json: architecture 'GPT2LMHeadModel' is not supported; supported: "
+                             r"LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
         load_pretrained(folder)
 
 
 @pytest.mark.parametrize("change, message", [
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not supported"),
-    ({"quantization_config": {"quant_method": "bitsandbytes"}}, "pre-quantized checkpoints are not supported"),
+    ({"quantization_config": {"quant_method": "bitsandbytes"}},
+     "pre-quantized checkpoints are not supported"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"num_attention_heads": 3}, "num_attention_heads=3 is not a multiple of num_key_value_heads=2"),
 ])
@@ -147,8 +153,9 @@ def test_missing_mis_shaped_and_unexpected_tensors(folder):
                                                     r"model.layers.1.mlp.up_proj.weight"):
         load_pretrained(folder)
     edit_weights(folder, lambda t: t.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(72, 31)}))
-    with pytest.raises(CheckpointFormatError, match=r"model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' "
-                                                    r"has shape \(72, 31\), the config implies \(72, 32\)"):
+    with pytest.raises(CheckpointFormatError,
+                       match=r"model.safetensors: tensor 'model.layers.1.mlp.up_proj.weight' "
+                             r"has shape \(72, 31\), the config implies \(72, 32\)"):
         load_pretrained(folder)
     edit_weights(folder, lambda t: t.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(72, 32),
                                              "model.layers.1.mlp.extra.weight": torch.zeros(2)}))
@@ -189,7 +196,8 @@ def test_truncated_and_quantized_files(folder):
     tensors = load_file_from_bytes(data)
     tensors["model.norm.weight"] = torch.zeros(32, dtype=torch.int8)
     save_file(tensors, folder / "model.safetensors")
-    with pytest.raises(CheckpointFormatError, match="'model.norm.weight' has dtype I8; .* not quantized ones"):
+    with pytest.raises(CheckpointFormatError,
+                       match="'model.norm.weight' has dtype I8; .* not quantized ones"):
         load_pretrained(folder)
 
 

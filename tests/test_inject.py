@@ -4,11 +4,18 @@ import pytest
 import torch
 import torch.nn as nn
 
-from peftloop.config import LoraConfig
 from peftloop.adapter_format import adapter_state_dict, load_adapter_state_dict
-from peftloop.inject import count_parameters, disable_adapters, inject_lora, lora_layers, merge_and_unload, unload
-from peftloop.modules import matches
+from peftloop.config import LoraConfig
+from peftloop.inject import (
+    count_parameters,
+    disable_adapters,
+    inject_lora,
+    lora_layers,
+    merge_and_unload,
+    unload,
+)
 from peftloop.lora import LoRALinear, TrainableCopy
+from peftloop.modules import matches
 from tests.helpers import tiny_model
 
 
@@ -27,7 +34,8 @@ def test_list_targets_and_freezing():
     model = tiny_model()
     inject_lora(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     layers = lora_layers(model)
-    assert sorted(layers) == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    assert sorted(layers) == [f"model.layers.{i}.self_attn.{p}"
+                              for i in range(2) for p in ("q_proj", "v_proj")]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.lora_{ab}.weight" for n in layers for ab in "AB"}
 
@@ -43,7 +51,8 @@ def test_all_linear_skips_the_head_and_records_suffixes():
 
 def test_regex_and_exclude():
     model = tiny_model()
-    inject_lora(model, LoraConfig(r=4, target_modules=r"model\.layers\.1\..*_proj", exclude_modules=["down_proj"]))
+    inject_lora(model, LoraConfig(r=4, target_modules=r"model\.layers\.1\..*_proj",
+                                  exclude_modules=["down_proj"]))
     assert sorted(lora_layers(model)) == sorted(
         f"model.layers.1.{p}" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                          "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj"))
@@ -89,7 +98,8 @@ def test_counts():
 def test_rank_and_alpha_patterns():
     model = tiny_model()
     inject_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                  rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 2}))
+                                  rank_pattern={"v_proj": 2},
+                                  alpha_pattern={r"layers\.1\.self_attn\.q_proj": 2}))
     layers = lora_layers(model)
     assert layers["model.layers.0.self_attn.v_proj"].r == 2
     assert layers["model.layers.0.self_attn.v_proj"].scaling == 4.0

@@ -72,7 +72,8 @@ def test_qpissa_pissa_in_full_precision_then_quantise_the_residual():
     (``quantize_model`` after ``inject_lora``): for a weight with a dominant low-rank part the
     4-bit error of the adapted layer is far below that of quantising W itself."""
     g = torch.Generator().manual_seed(0)
-    W = torch.randn(64, 4, generator=g) @ torch.randn(4, 128, generator=g) + 0.01 * torch.randn(64, 128, generator=g)
+    low_rank = torch.randn(64, 4, generator=g) @ torch.randn(4, 128, generator=g)
+    W = low_rank + 0.01 * torch.randn(64, 128, generator=g)
     plain = nn.Linear(128, 64, bias=False)
     plain.weight.data.copy_(W)
     direct_error = (NF4Linear.from_linear(plain).dequantize() - W).abs().max()
@@ -94,7 +95,8 @@ def test_saved_as_a_rank_2r_lora_that_loads_onto_the_original_model():
     _train_a_little(model)
     tensors = adapter_state_dict(model)
     key = "base_model.model.model.layers.0.self_attn.q_proj"
-    assert tensors[f"{key}.lora_A.weight"].shape == (8, 32) and tensors[f"{key}.lora_B.weight"].shape == (32, 8)
+    assert tensors[f"{key}.lora_A.weight"].shape == (8, 32)
+    assert tensors[f"{key}.lora_B.weight"].shape == (32, 8)
     assert tensors["base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"].shape[0] == 4
     config = to_adapter_config(model.lora_config)
     assert (config["r"], config["lora_alpha"], config["init_lora_weights"], config["rank_pattern"]) == \
@@ -108,12 +110,14 @@ def test_saved_as_a_rank_2r_lora_that_loads_onto_the_original_model():
 def test_the_converted_adapter_loads_back_into_a_residual_model_exactly(tmp_path, init):
     """Resuming: a fresh model with the same init gets the saved A, B and its own base back bit for bit."""
     torch.manual_seed(0)
-    model = inject_lora(tiny_model(seed=7), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=init))
+    model = inject_lora(tiny_model(seed=7), LoraConfig(r=4, target_modules="all-linear",
+                                                       init_lora_weights=init))
     _train_a_little(model)
     expected = model(TOKENS)
     save_adapter(model, tmp_path / "adapter")
     torch.manual_seed(0)  # pissa_niter_K starts from a random matrix
-    fresh = inject_lora(tiny_model(seed=7), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=init))
+    fresh = inject_lora(tiny_model(seed=7), LoraConfig(r=4, target_modules="all-linear",
+                                                       init_lora_weights=init))
     bases = {n: m.base_layer.weight.clone() for n, m in lora_layers(fresh).items()}
     load_adapter(fresh, tmp_path / "adapter", is_trainable=True)
     assert torch.equal(fresh(TOKENS), expected)
@@ -139,7 +143,8 @@ def test_a_residual_model_with_other_initial_factors_is_rebased():
 def test_disable_and_unload_give_back_the_original_model():
     original = tiny_model(seed=7)
     expected = original(TOKENS)
-    model = inject_lora(tiny_model(seed=7), LoraConfig(r=4, target_modules="all-linear", init_lora_weights="olora"))
+    model = inject_lora(tiny_model(seed=7), LoraConfig(r=4, target_modules="all-linear",
+                                                       init_lora_weights="olora"))
     _train_a_little(model)
     with disable_adapters(model):
         torch.testing.assert_close(model(TOKENS), expected, rtol=0, atol=1e-5)
@@ -150,8 +155,8 @@ def test_disable_and_unload_give_back_the_original_model():
 
 
 def test_merge_and_unload_of_a_residual_model():
-    model = inject_lora(tiny_model(seed=7), LoraConfig(r=4, target_modules="all-linear", init_lora_weights="pissa",
-                                                       use_dora=True))
+    model = inject_lora(tiny_model(seed=7), LoraConfig(r=4, target_modules="all-linear",
+                                                       init_lora_weights="pissa", use_dora=True))
     _train_a_little(model)
     expected = model(TOKENS)
     merge_and_unload(model)
@@ -165,7 +170,8 @@ def test_config_validation():
         LoraConfig(init_lora_weights="pissa_niter_0")
     assert LoraConfig(init_lora_weights="pissa_niter_16").mutates_base
     assert not LoraConfig(init_lora_weights="gaussian").mutates_base
-    rs = LoraConfig(r=8, lora_alpha=16, use_rslora=True, init_lora_weights="olora", alpha_pattern={"q_proj": 4.0})
+    rs = LoraConfig(r=8, lora_alpha=16, use_rslora=True, init_lora_weights="olora",
+                    alpha_pattern={"q_proj": 4.0})
     written = to_adapter_config(rs)
     assert written["r"] == 16 and written["lora_alpha"] == pytest.approx(16 * 2**0.5)
     assert written["lora_alpha"] / written["r"] ** 0.5 == pytest.approx(16 / 8**0.5)  # the same scaling
@@ -177,9 +183,13 @@ def test_config_validation():
 
 
 @pytest.mark.parametrize("init", INITS)
-@pytest.mark.parametrize("extra", [{}, {"use_dora": True}, {"use_rslora": True, "rank_pattern": {"v_proj": 2}}],
-                         ids=["lora", "dora", "rslora_patterns"])
-def test_peft_inits_the_same_and_loads_our_saved_adapter_onto_the_original_base(tmp_path, base_dir, init, extra):
+@pytest.mark.parametrize("extra", [
+    {},
+    {"use_dora": True},
+    {"use_rslora": True, "rank_pattern": {"v_proj": 2}},
+], ids=["lora", "dora", "rslora_patterns"])
+def test_peft_inits_the_same_and_loads_our_saved_adapter_onto_the_original_base(
+        tmp_path, base_dir, init, extra):
     peft = pytest.importorskip("peft", reason="the 'ref' extra (peft) is not installed")
 
     from peftloop.models import load_pretrained
@@ -188,9 +198,9 @@ def test_peft_inits_the_same_and_loads_our_saved_adapter_onto_the_original_base(
     ours = inject_lora(load_pretrained(base_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                               init_lora_weights=init, **extra))
     torch.manual_seed(0)
-    theirs = peft.get_peft_model(load_reference(base_dir), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                                 init_lora_weights=init, task_type="CAUSAL_LM",
-                                                                 **extra))
+    theirs = peft.get_peft_model(load_reference(base_dir),
+                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 init_lora_weights=init, task_type="CAUSAL_LM", **extra))
     our_params = dict(ours.named_parameters())
     for name, p in theirs.named_parameters():  # PEFT's A, B (and magnitudes) from the same SVD/QR
         if p.requires_grad:
@@ -237,7 +247,8 @@ def test_loraplus_groups_are_peft_create_loraplus_optimizer_groups(base_dir):
     theirs = peft.get_peft_model(load_reference(base_dir), peft.LoraConfig(task_type="CAUSAL_LM", **config))
     theirs_groups = _peft_groups(theirs, 2e-4, 16.0, 0.05)
     assert _our_groups(ours, 2e-4, 16.0, 0.05) == theirs_groups
-    kinds = {name.split(".")[-2] if "magnitude" not in name else "m": lr for name, (lr, _) in theirs_groups.items()}
+    kinds = {name.split(".")[-2] if "magnitude" not in name else "m": lr
+             for name, (lr, _) in theirs_groups.items()}
     assert kinds["lora_B"] == pytest.approx(16 * kinds["lora_A"]) and kinds["m"] == kinds["lora_B"]
 
 
@@ -245,8 +256,10 @@ def test_norm_weights_follow_the_trainers_decay_rule():
     """The one documented difference from PEFT's LoRA+: a trained RMSNorm weight (1-D, fast under
     LoRA+ in both) is not decayed here, as transformers' Trainer does not decay norm weights; PEFT
     spares only nn.LayerNorm parameters and biases."""
-    transformers = pytest.importorskip("transformers", reason="the 'ref' extra (transformers) is not installed")
-    model = inject_lora(tiny_model(), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["norm", "lm_head"]))
+    transformers = pytest.importorskip("transformers",
+                                       reason="the 'ref' extra (transformers) is not installed")
+    model = inject_lora(tiny_model(), LoraConfig(r=4, target_modules=["q_proj"],
+                                                 modules_to_save=["norm", "lm_head"]))
     groups = {n: v for n, v in _our_groups(model, 1e-3, 4.0, 0.1).items()}
     assert groups["model.norm.modules_to_save.weight"] == (4e-3, 0.0)
     assert groups["lm_head.modules_to_save.weight"] == (1e-3, 0.1)
