@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import peftloop.checkpoint as ckpt
+import peftloop.files as files
 from peftloop.adapter_format import adapter_state_dict
 from peftloop.callbacks import Callback
 from peftloop.checkpoint import CheckpointError, list_checkpoints, verify_manifest
@@ -42,7 +42,7 @@ def config(tmp_path, **kw):
 
 
 def failing_save_file(fail_on_call):
-    real, count = ckpt.save_file, {"n": 0}
+    real, count = files.save_file, {"n": 0}
 
     def save_file(tensors, filename, metadata=None):
         count["n"] += 1
@@ -54,8 +54,10 @@ def failing_save_file(fail_on_call):
 
 
 def test_full_disk_stops_cleanly_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setattr(ckpt, "save_file", failing_save_file(fail_on_call=5))  # the 2nd checkpoint's optimizer
-    with pytest.raises(CheckpointError, match=r"could not write .*checkpoint-4: .*No space left.*checkpoint-2"):
+    # the 2nd checkpoint's optimizer
+    monkeypatch.setattr(files, "save_file", failing_save_file(fail_on_call=5))
+    message = r"could not write .*checkpoint-4: .*No space left.*checkpoint-2"
+    with pytest.raises(CheckpointError, match=message):
         train(lora_model(), toy_examples(16), config=config(tmp_path))
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
     verify_manifest(tmp_path / "checkpoint-2")
@@ -63,7 +65,7 @@ def test_full_disk_stops_cleanly_and_keeps_the_previous_checkpoint(tmp_path, mon
 
 
 def test_full_disk_can_be_survived(tmp_path, monkeypatch):
-    monkeypatch.setattr(ckpt, "save_file", failing_save_file(fail_on_call=5))
+    monkeypatch.setattr(files, "save_file", failing_save_file(fail_on_call=5))
     result = train(lora_model(), toy_examples(16), config=config(tmp_path, on_save_error="continue"))
     assert result.global_step == 6
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-6"]
@@ -73,8 +75,11 @@ def test_full_disk_can_be_survived(tmp_path, monkeypatch):
 def test_a_real_full_tmpfs(tmp_path):
     mount = tmp_path / "small"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (not root, or no permission); the injected failures above still run")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                             capture_output=True)
+    if mounted.returncode:
+        pytest.skip("cannot mount a tmpfs here (not root, or no permission); "
+                    "the injected failures above still run")
     try:
         class FillTheDisk(Callback):
             def on_save(self, state, path):
