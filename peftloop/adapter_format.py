@@ -123,8 +123,10 @@ def _rank_2r_factors(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
     """``[A; A₀]`` and ``[B, −B₀]``: with them a plain LoRA on the original W computes what
     this layer computes on its residual base."""
     # whole tensors first: under FSDP2 A and B are shards (a collective on every rank)
-    A, B = (t.full_tensor() if hasattr(t, "full_tensor") else t for t in (layer.lora_A.weight, layer.lora_B.weight))
-    return torch.cat([A, layer.initial_lora_A.to(A)], dim=0), torch.cat([B, -layer.initial_lora_B.to(B)], dim=1)
+    A, B = (t.full_tensor() if hasattr(t, "full_tensor") else t
+            for t in (layer.lora_A.weight, layer.lora_B.weight))
+    return (torch.cat([A, layer.initial_lora_A.to(A)], dim=0),
+            torch.cat([B, -layer.initial_lora_B.to(B)], dim=1))
 
 
 @torch.no_grad()

@@ -159,12 +159,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         opt_meta, rng_meta = trainer_state.pop("optimizer"), trainer_state.pop("rng")
         optimizer_state = _unflatten_optimizer(read_safetensors(path / "optimizer.safetensors"), opt_meta)
     except (KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}/trainer_state.json: malformed optimizer or RNG record ({e!r})") from None
+        raise CheckpointError(f"{path}/trainer_state.json: malformed optimizer or RNG record "
+                              f"({e!r})") from None
     rng_tensors = read_safetensors(path / "rng_state.safetensors")
     rng_states = []
     for rank, meta in enumerate(rng_meta):
         prefix = f"rank{rank}/"
-        rng_states.append(({k[len(prefix):]: v for k, v in rng_tensors.items() if k.startswith(prefix)}, meta))
+        rng_states.append(({k[len(prefix):]: v for k, v in rng_tensors.items() if k.startswith(prefix)},
+                           meta))
     return {"adapter": read_safetensors(path / ADAPTER_WEIGHTS), "optimizer_state": optimizer_state,
             "rng_states": rng_states, "trainer_state": trainer_state}
 
@@ -178,7 +180,8 @@ def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dic
                 tensors[f"{param}/{name}"] = value.detach().to("cpu").contiguous()
             else:
                 scalars[f"{param}/{name}"] = value
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd.get("param_groups", [])]
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+              for g in sd.get("param_groups", [])]
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
@@ -197,7 +200,8 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """This process's generator states: tensors for safetensors, the rest JSON-able."""
     np_state = np.random.get_state()
-    tensors = {"torch_cpu": torch.get_rng_state(), "numpy_key": torch.from_numpy(np_state[1].astype(np.int64))}
+    tensors = {"torch_cpu": torch.get_rng_state(),
+               "numpy_key": torch.from_numpy(np_state[1].astype(np.int64))}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch_cuda_{i}"] = s
@@ -237,7 +241,8 @@ def _write_manifest(directory: Path) -> None:
 
 
 def verify_manifest(directory: str | Path) -> None:
-    """Raise CheckpointError unless every file listed in the manifest is present with its size and checksum."""
+    """Raise CheckpointError unless every file listed in the manifest is present with its size
+    and checksum."""
     directory = Path(directory)
     manifest = read_json(directory / MANIFEST)
     files = manifest.get("files") if isinstance(manifest, dict) else None
@@ -246,7 +251,8 @@ def verify_manifest(directory: str | Path) -> None:
     for name, expected in files.items():
         # a manifest names files *in* its folder: never a path that could point elsewhere
         if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
-            raise CheckpointError(f"{directory / MANIFEST}: refusing file name {name!r} (not a plain file name)")
+            raise CheckpointError(f"{directory / MANIFEST}: refusing file name {name!r} "
+                                  "(not a plain file name)")
         if not isinstance(expected, dict) or not {"size", "sha256"} <= set(expected):
             raise CheckpointError(f"{directory / MANIFEST}: entry {name!r} has no size and sha256")
         path = directory / name

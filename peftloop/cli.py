@@ -1,6 +1,7 @@
 """The ``peftloop`` command.
 
-    peftloop train --model NAME_OR_DIR --data TRAIN.jsonl [--config FILE.toml] [--output-dir DIR] [--key value ...]
+    peftloop train --model NAME_OR_DIR --data TRAIN.jsonl [--config FILE.toml] [--output-dir DIR]
+                   [--key value ...]
         Fine-tunes a Hugging Face checkpoint (hub id or folder) with LoRA on a JSONL file, evaluates,
         and writes the adapter in PEFT's format to OUTPUT/adapter. With no model: the offline demo.
     peftloop generate --model NAME_OR_DIR [--adapter DIR] --prompt TEXT [--chat] [--compare] [...]
@@ -56,28 +57,35 @@ def main(argv: list[str] | None = None) -> int:
 
     p_train = sub.add_parser("train", allow_abbrev=False,
                              help="fine-tune with LoRA (no model: the offline demo)")
-    p_train.add_argument("--model", help="base model: a Hugging Face Hub id or a local folder (model.name_or_path)")
+    p_train.add_argument("--model",
+                         help="base model: a Hugging Face Hub id or a local folder (model.name_or_path)")
     p_train.add_argument("--data", help="training data: a JSONL file (data.train_file)")
     p_train.add_argument("--config", help="a TOML file with [train], [lora], [model] and [data] sections")
     p_train.add_argument("--output-dir", help="where checkpoints, logs and the adapter go")
 
-    p_gen = sub.add_parser("generate", allow_abbrev=False, help="continue prompts with a model (and an adapter)")
+    p_gen = sub.add_parser("generate", allow_abbrev=False,
+                           help="continue prompts with a model (and an adapter)")
     p_gen.add_argument("--model", required=True, help="a Hugging Face Hub id or a local folder")
     p_gen.add_argument("--adapter", help="a PEFT-format adapter folder to apply")
     p_gen.add_argument("--prompt", required=True, action="append", help="the text to continue (repeatable)")
-    p_gen.add_argument("--chat", action="store_true", help="format each prompt as a user turn with the chat template")
+    p_gen.add_argument("--chat", action="store_true",
+                       help="format each prompt as a user turn with the chat template")
     p_gen.add_argument("--system", help="with --chat: a system message first")
-    p_gen.add_argument("--compare", action="store_true", help="with --adapter: also print the base model's output")
+    p_gen.add_argument("--compare", action="store_true",
+                       help="with --adapter: also print the base model's output")
     p_gen.add_argument("--max-new-tokens", type=int, default=64)
     p_gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
-    p_gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p_gen.add_argument("--top-p", type=float, default=1.0,
+                       help="nucleus sampling mass (with --temperature > 0)")
     p_gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     p_gen.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
     p_gen.add_argument("--revision", help="hub revision (branch, tag or commit) of --model")
-    p_gen.add_argument("--quantization", choices=["nf4"], help="load the base in 4 bits (as QLoRA trained it)")
+    p_gen.add_argument("--quantization", choices=["nf4"],
+                       help="load the base in 4 bits (as QLoRA trained it)")
 
     p_merge = sub.add_parser("merge", allow_abbrev=False, help="merge an adapter into its base model")
-    p_merge.add_argument("--base", required=True, help="the base model: a Hugging Face Hub id or a local folder")
+    p_merge.add_argument("--base", required=True,
+                         help="the base model: a Hugging Face Hub id or a local folder")
     p_merge.add_argument("--adapter", required=True, help="the adapter folder (PEFT format)")
     p_merge.add_argument("--out", required=True, help="where to write the merged model")
     p_merge.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: the base's dtype)")
@@ -127,9 +135,11 @@ def _train(args, rest) -> int:
     if model_config.name_or_path is None:
         if sections["model"] or sections["data"]:
             given = [f"{s}.{k}" for s in ("model", "data") for k in sections[s]]
-            raise ConfigError(f"{source}: {', '.join(given)} given without a model: set --model (model.name_or_path)")
+            raise ConfigError(f"{source}: {', '.join(given)} given without a model: "
+                              "set --model (model.name_or_path)")
         sections["train"].setdefault("output_dir", "peftloop-demo")
-        run_demo(sections["train"]["output_dir"], train_overrides=sections["train"], lora_overrides=sections["lora"])
+        run_demo(sections["train"]["output_dir"], train_overrides=sections["train"],
+                 lora_overrides=sections["lora"])
         return 0
     return train_model(model_config, data_config, sections["train"], sections["lora"], source)
 
@@ -147,7 +157,8 @@ def train_model(model_config: ModelConfig, data_config: DataConfig, train_values
     if not data_config.train_file:
         raise ConfigError(f"{source}: no training data: set --data (data.train_file)")
     if data_config.streaming and train_config.max_steps <= 0:
-        raise ConfigError(f"{source}: data.streaming reads the file lazily and has no length: set train.max_steps")
+        raise ConfigError(f"{source}: data.streaming reads the file lazily and has no length: "
+                          "set train.max_steps")
 
     folder = resolve_model(model_config.name_or_path, model_config.revision, model_config.cache_dir)
     tokenizer = Tokenizer.from_pretrained(folder)
@@ -155,25 +166,30 @@ def train_model(model_config: ModelConfig, data_config: DataConfig, train_values
     if not data_config.streaming:
         print(f"peftloop: train data {data_config.train_file}: {train_data.stats.summary()}")
     if eval_data is not None:
-        print(f"peftloop: eval data {data_config.eval_file or f'{data_config.eval_split:.0%} of the train file'}: "
+        print(f"peftloop: eval data "
+              f"{data_config.eval_file or f'{data_config.eval_split:.0%} of the train file'}: "
               f"{eval_data.stats.summary()}")
 
     # Seed before anything random: torch seeds itself differently in every process, and
     # inject_lora draws lora_A's init from it (every torchrun rank draws the same one).
     seed_everything(train_config.seed)
     model = load_pretrained(folder, dtype=model_config.dtype, quantization=model_config.quantization,
-                            quant_blocksize=model_config.quant_blocksize, double_quant=model_config.double_quant)
+                            quant_blocksize=model_config.quant_blocksize,
+                            double_quant=model_config.double_quant)
     if model_config.gradient_checkpointing:
         enable_gradient_checkpointing(model, offload=model_config.offload_activations)
     inject_lora(model, lora_config)
-    held = f"{model_config.dtype}" + (f", {model_config.quantization} base" if model_config.quantization else "")
+    held = f"{model_config.dtype}" + (f", {model_config.quantization} base"
+                                      if model_config.quantization else "")
     print(f"peftloop: {model_config.name_or_path} ({model.config.model_type}, {held}): "
           f"{describe_trainable(model)}")
     pad = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
-    result = train(model, train_data, eval_data, train_config, collate_fn=functools.partial(collate, pad_id=pad))
+    result = train(model, train_data, eval_data, train_config,
+                   collate_fn=functools.partial(collate, pad_id=pad))
 
     if data_config.streaming:
-        print(f"peftloop: train data {data_config.train_file} (streamed, last pass): {train_data.stats.summary()}")
+        print(f"peftloop: train data {data_config.train_file} (streamed, last pass): "
+              f"{train_data.stats.summary()}")
     eval_loss = result.metrics.get("eval_loss")
     print(f"peftloop: {result.global_step} steps, train loss {result.train_loss:.4f}"
           + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else "")
@@ -184,7 +200,8 @@ def train_model(model_config: ModelConfig, data_config: DataConfig, train_values
 def _generate(args) -> int:
     parse_dtype(args.dtype)
     if args.compare and not args.adapter:
-        raise ConfigError("--compare needs --adapter (it prints the base model's output beside the adapter's)")
+        raise ConfigError("--compare needs --adapter "
+                          "(it prints the base model's output beside the adapter's)")
     folder = resolve_model(args.model, revision=args.revision)
     tokenizer = Tokenizer.from_pretrained(folder)
     model = load_pretrained(folder, dtype=args.dtype, quantization=args.quantization)
@@ -192,8 +209,9 @@ def _generate(args) -> int:
         load_adapter(model, args.adapter)
 
     def run() -> list[str]:
-        return generate_text(model, tokenizer, args.prompt, args.max_new_tokens, chat=args.chat, system=args.system,
-                             temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        return generate_text(model, tokenizer, args.prompt, args.max_new_tokens, chat=args.chat,
+                             system=args.system, temperature=args.temperature, top_p=args.top_p,
+                             seed=args.seed)
 
     if args.compare:
         with disable_adapters(model):
@@ -230,7 +248,8 @@ def _merge(args) -> int:
         dtype = parse_dtype(saved if saved in ("float32", "bfloat16", "float16") else "float32")
     model.to(dtype)
     save_pretrained(model, args.out, copy_from=folder)
-    print(f"peftloop: merged {args.adapter} into {args.base} -> {args.out} ({str(dtype).removeprefix('torch.')})")
+    print(f"peftloop: merged {args.adapter} into {args.base} -> {args.out} "
+          f"({str(dtype).removeprefix('torch.')})")
     return 0
 
 

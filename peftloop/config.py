@@ -79,7 +79,7 @@ class LoraConfig:
         if self.init_lora_weights not in inits and not (niter and int(niter.group(1)) >= 1):
             raise ConfigError(f"lora.init_lora_weights={self.init_lora_weights!r}: expected one of {inits} "
                               "or 'pissa_niter_K' (K >= 1 subspace iterations)")
-        for key, value in {**self.rank_pattern, **self.alpha_pattern}.items():
+        for key in {**self.rank_pattern, **self.alpha_pattern}:
             try:
                 re.compile(key)
             except re.error as e:
@@ -167,7 +167,8 @@ class TrainConfig:
     save_each_epoch: bool = False
     """Also save a checkpoint at the end of each epoch."""
     save_total_limit: int = 0
-    """Keep only the newest N checkpoints (0: keep all). The oldest is deleted only after the new one is complete."""
+    """Keep only the newest N checkpoints (0: keep all). The oldest is deleted only after the new one
+    is complete."""
     resume_from_checkpoint: str | bool | None = None
     """A checkpoint-N folder, or True for the newest complete one in output_dir."""
     early_stopping_patience: int = 0
@@ -199,7 +200,8 @@ class TrainConfig:
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision={self.precision!r}: expected 'fp32', 'bf16' or 'fp16'")
         if self.lr_scheduler not in ("constant", "linear", "cosine"):
-            raise ConfigError(f"train.lr_scheduler={self.lr_scheduler!r}: expected 'constant', 'linear' or 'cosine'")
+            raise ConfigError(f"train.lr_scheduler={self.lr_scheduler!r}: "
+                              "expected 'constant', 'linear' or 'cosine'")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -255,7 +257,8 @@ class ModelConfig:
         if self.quantization not in (None, "nf4"):
             raise ConfigError(f"model.quantization={self.quantization!r}: expected 'nf4' (or none)")
         if self.quant_blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-            raise ConfigError(f"model.quant_blocksize={self.quant_blocksize}: expected a power of two in 32..4096")
+            raise ConfigError(f"model.quant_blocksize={self.quant_blocksize}: "
+                              "expected a power of two in 32..4096")
         if self.offload_activations and not self.gradient_checkpointing:
             raise ConfigError("model.offload_activations=true needs model.gradient_checkpointing=true "
                               "(it offloads the inputs that checkpointing keeps)")

@@ -89,9 +89,11 @@ def parse_overrides(pairs: list[str], schema: dict[str, type]) -> dict[str, dict
             if not sections:
                 names = list(owners)
                 hint = difflib.get_close_matches(key, names, n=1)
-                raise ConfigError(f"unknown option --{key}" + (f"; did you mean --{hint[0]}?" if hint else ""))
+                raise ConfigError(f"unknown option --{key}"
+                                  + (f"; did you mean --{hint[0]}?" if hint else ""))
             if len(sections) > 1:
-                raise ConfigError(f"--{key} is ambiguous: use one of " + ", ".join(f"--{s}.{key}" for s in sections))
+                raise ConfigError(f"--{key} is ambiguous: use one of "
+                                  + ", ".join(f"--{s}.{key}" for s in sections))
             section = sections[0]
         cls = schema[section]
         fields = {f.name: f for f in dataclasses.fields(cls)}

@@ -63,7 +63,8 @@ def collate(examples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, to
             positions = e.get("position_ids", range(n))
             batch["position_ids"][i, :n] = torch.as_tensor(positions)
             # keep padding positions increasing so they never look like a new document
-            batch["position_ids"][i, n:] = torch.arange(n, longest) + int(batch["position_ids"][i, n - 1]) - n + 1
+            batch["position_ids"][i, n:] = (torch.arange(n, longest)
+                                            + int(batch["position_ids"][i, n - 1]) - n + 1)
     return batch
 
 
@@ -159,17 +160,20 @@ class StreamingSFTDataset:
     same (seed, epoch) gives the same sequence of examples, so resuming skips micro-batches exactly.
     ``stats`` counts the most recent pass over the file."""
 
-    def __init__(self, path: Path, builder: ExampleBuilder, config, keep: Callable[[int], bool] = lambda line: True):
+    def __init__(self, path: Path, builder: ExampleBuilder, config,
+                 keep: Callable[[int], bool] = lambda line: True):
         self.path, self.builder, self.config, self.keep = Path(path), builder, config, keep
         self.stats = DataStats()
 
     def examples_for_epoch(self, epoch: int, seed: int, shuffle: bool, batch_size: int) -> Iterator[dict]:
         self.stats = DataStats()
-        stream: Iterable[dict] = examples_from_file(self.path, self.builder, self.config, self.stats, self.keep)
+        stream: Iterable[dict] = examples_from_file(self.path, self.builder, self.config, self.stats,
+                                                    self.keep)
         if self.config.packing:
             stream = pack(stream, self.config.max_seq_len)
         if shuffle:
-            stream = buffer_shuffled(stream, self.config.shuffle_buffer, random.Random(seed * 100_003 + epoch))
+            stream = buffer_shuffled(stream, self.config.shuffle_buffer,
+                                     random.Random(seed * 100_003 + epoch))
         if self.config.group_by_length and not self.config.packing:  # packed rows are all about max_seq_len
             stream = length_grouped_stream(stream, batch_size)
         return iter(stream)
@@ -215,7 +219,8 @@ def load_datasets(config, tokenizer, seed: int = 42):
             raise DataError(f"{train_path}: no training examples ({train.stats.summary()})", "empty")
     evaluation = None
     if config.eval_file:
-        evaluation = in_memory(_existing(config.eval_file, "data.eval_file"), builder, config, lambda line: True)
+        evaluation = in_memory(_existing(config.eval_file, "data.eval_file"), builder, config,
+                               lambda line: True)
     elif split:
         evaluation = in_memory(train_path, builder, config, lambda line: held_out(seed, line, split))
         if not len(evaluation):

@@ -69,7 +69,8 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
 def base_config(vocab_size: int) -> LlamaConfig:
     return LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                       bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=False)
+                       bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                       tie_word_embeddings=False)
 
 
 def random_words(n: int, rng: random.Random, exclude: set[str] = frozenset()) -> list[str]:
@@ -148,7 +149,8 @@ def run_demo(output_dir: str | Path = "peftloop-demo", train_overrides: dict | N
     losses = [r["loss"] for r in log if "loss" in r]
     summary = {
         "first_logged_loss": losses[0], "last_logged_loss": losses[-1],
-        "eval_loss": result.metrics.get("eval_loss"), "exact_match_before": before, "exact_match_after": after,
+        "eval_loss": result.metrics.get("eval_loss"),
+        "exact_match_before": before, "exact_match_after": after,
         "steps": result.global_step, "wall_time_s": round(time.perf_counter() - t0, 1),
         "adapter": str(output_dir / "adapter"),
     }

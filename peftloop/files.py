@@ -119,7 +119,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    """safetensors' save_file, with its I/O failures (a full disk) raised as OSError like every other write."""
+    """safetensors' save_file, with its I/O failures (a full disk) raised as OSError like every
+    other write."""
     try:
         save_file(tensors, path, metadata=metadata)
     except SafetensorError as e:

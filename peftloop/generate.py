@@ -43,8 +43,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | list[int] | None = None,
-             pad_token_id: int = 0, temperature: float = 0.0, top_p: float = 1.0,
+def generate(model, prompts: list[list[int]], max_new_tokens: int,
+             eos_token_id: int | list[int] | None = None, pad_token_id: int = 0,
+             temperature: float = 0.0, top_p: float = 1.0,
              generator: torch.Generator | None = None) -> list[list[int]]:
     """New token ids for each prompt (the prompt itself is not included; stops at eos)."""
     was_training = model.training
@@ -80,7 +81,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_token_id:
 
 
 def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, chat: bool = False,
-                  system: str | None = None, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+                  system: str | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                  seed: int = 0) -> list[str]:
     """Text in, text out: each prompt encoded (or formatted as one user turn with the chat template
     when ``chat``), continued until a stop token, decoded without special tokens."""
     if chat:
@@ -90,6 +92,7 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64
     else:
         prompt_ids = [tokenizer.encode(p) for p in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    outputs = generate(model, prompt_ids, max_new_tokens, eos_token_id=tokenizer.stop_token_ids, pad_token_id=pad,
-                       temperature=temperature, top_p=top_p, generator=torch.Generator().manual_seed(seed))
+    outputs = generate(model, prompt_ids, max_new_tokens, eos_token_id=tokenizer.stop_token_ids,
+                       pad_token_id=pad, temperature=temperature, top_p=top_p,
+                       generator=torch.Generator().manual_seed(seed))
     return [tokenizer.decode(ids) for ids in outputs]

@@ -87,11 +87,11 @@ def _snapshot(repo_id: str, revision: str | None, cache_dir, patterns: list[str]
     offline = hub_offline()
     where = f"{repo_id} (revision {revision or 'main'})"
     try:
-        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns,
-                                      local_files_only=offline))
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
+                                      allow_patterns=patterns, local_files_only=offline))
     except GatedRepoError:
-        raise ModelNotFoundError(f"{where}: a gated repository; accept its terms on huggingface.co and log in "
-                                 "(`hf auth login`) first") from None
+        raise ModelNotFoundError(f"{where}: a gated repository; accept its terms on huggingface.co "
+                                 "and log in (`hf auth login`) first") from None
     except RepositoryNotFoundError:
         raise ModelNotFoundError(f"{repo_id}: no such local folder, and no such repository on the Hub "
                                  "(or it is private: log in with `hf auth login`)") from None

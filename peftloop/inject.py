@@ -27,7 +27,8 @@ from peftloop.nf4 import NF4Linear
 def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """The names of the Linear modules that get adapters under this config, in model order."""
     if config.target_modules is None:
-        raise ValueError("LoraConfig.target_modules is not set: give a list of names, a regex or 'all-linear'")
+        raise ValueError("LoraConfig.target_modules is not set: "
+                         "give a list of names, a regex or 'all-linear'")
     skip = adapter_internals(model)
     if config.target_modules == "all-linear":
         heads = output_head_names(model)
@@ -43,8 +44,8 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             raise ValueError(f"module {name!r} already has a LoRA adapter")
         if not isinstance(module, BASE_LAYERS):
             raise ValueError(
-                f"target {name!r} is a {type(module).__name__}; peftloop adapts nn.Linear (and 4-bit NF4Linear) "
-                "modules only"
+                f"target {name!r} is a {type(module).__name__}; "
+                "peftloop adapts nn.Linear (and 4-bit NF4Linear) modules only"
             )
         found.append(name)
     if not found:
@@ -71,7 +72,8 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         r, alpha = config.rank_and_alpha_for(name)
         layer = LoRALinear(
             model.get_submodule(name), r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
-            use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights, use_dora=config.use_dora,
+            use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
+            use_dora=config.use_dora,
         )
         replace_module(model, name, layer)
     for name in _modules_to_save(model, config):
@@ -88,7 +90,8 @@ def _modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
     names = [n for n, m in model.named_modules() if n and matches(n, config.modules_to_save)
              and not isinstance(m, (LoRALinear, TrainableCopy)) and n not in adapter_internals(model)]
     if not names:
-        raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module in {type(model).__name__}")
+        raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module in "
+                         f"{type(model).__name__}")
     return names
 
 
@@ -117,7 +120,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def describe_trainable(model: nn.Module) -> str:
     trainable, total = count_parameters(model)
-    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+    return (f"trainable params: {trainable:,} || all params: {total:,} || "
+            f"trainable%: {100 * trainable / total:.4f}")
 
 
 @contextlib.contextmanager

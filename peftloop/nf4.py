@@ -53,7 +53,8 @@ def _midpoints(code: torch.Tensor) -> torch.Tensor:
     return (code[:-1] + code[1:]) / 2
 
 
-def quantize_blockwise(values: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise(values: torch.Tensor, code: torch.Tensor,
+                       blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices uint8, absmax fp32 per block) of a flat tensor against a sorted ``code``:
     each element becomes the index of the nearest code value to ``x / absmax`` (ties to the
     lower one). bitsandbytes' reference arithmetic: full blocks multiply by ``1 / absmax``, a
@@ -71,7 +72,8 @@ def quantize_blockwise(values: torch.Tensor, code: torch.Tensor, blocksize: int)
         peak = block.abs().amax(dim=1)
         absmax[start // blocksize:start // blocksize + peak.numel()] = peak
         scaled = (block * (1.0 / peak.clamp(min=1e-38))[:, None]).clamp_(-1, 1)
-        out[start:start + block.numel()] = torch.bucketize(scaled.view(-1), bounds, out_int32=True).to(torch.uint8)
+        out[start:start + block.numel()] = torch.bucketize(scaled.view(-1), bounds,
+                                                           out_int32=True).to(torch.uint8)
     if full < n:
         tail = values[full:].float()
         peak = tail.abs().amax()
@@ -119,8 +121,8 @@ class NF4Linear(nn.Module):
     dtype the weight had: ``dequantize()`` and merging give it back in that dtype by default.
     """
 
-    def __init__(self, state: NF4State, bias: torch.Tensor | None = None, weight_dtype: torch.dtype = torch.float32,
-                 name: str = ""):
+    def __init__(self, state: NF4State, bias: torch.Tensor | None = None,
+                 weight_dtype: torch.dtype = torch.float32, name: str = ""):
         super().__init__()
         check_state(state)
         if len(state.shape) != 2:
@@ -131,10 +133,12 @@ class NF4Linear(nn.Module):
         if bias is not None and bias.shape != (self.out_features,):
             raise ValueError(f"{name or 'NF4Linear'}: bias shape {tuple(bias.shape)} does not fit "
                              f"{self.out_features} outputs")
-        tensors = {"packed_weight": state.packed, "absmax": state.absmax, "nested_absmax": state.nested_absmax,
-                   "nested_offset": state.nested_offset, "bias": None if bias is None else bias.detach()}
+        tensors = {"packed_weight": state.packed, "absmax": state.absmax,
+                   "nested_absmax": state.nested_absmax, "nested_offset": state.nested_offset,
+                   "bias": None if bias is None else bias.detach()}
         for key, tensor in tensors.items():  # None entries are registered too (absent, like nn.Linear's bias)
-            self.register_parameter(key, None if tensor is None else nn.Parameter(tensor, requires_grad=False))
+            self.register_parameter(key, None if tensor is None
+                                    else nn.Parameter(tensor, requires_grad=False))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
@@ -180,7 +184,8 @@ class NF4Linear(nn.Module):
         """Quantise ``weight`` (this layer's shape) into this layer in place, with its block size
         and double quantisation (PiSSA/OLoRA replace W by a residual this way)."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"requantize_: weight {tuple(weight.shape)} != {(self.out_features, self.in_features)}")
+            raise ValueError(f"requantize_: weight {tuple(weight.shape)} != "
+                             f"{(self.out_features, self.in_features)}")
         state = quantize_nf4(weight.to(self.packed_weight.device), self.blocksize, self.double_quant)
         for name, tensor in zip(("packed_weight", "absmax", "nested_absmax", "nested_offset"), state):
             if tensor is not None:
@@ -189,7 +194,8 @@ class NF4Linear(nn.Module):
     def _apply(self, fn, recurse=True):
         # model.half() / model.to(torch.bfloat16) must not round the fp32 scales (they are part of
         # the format, like the uint8 codes that a cast leaves alone anyway): moves apply, casts not.
-        before = {name: self._parameters[name].data for name in _FP32_STATE if self._parameters[name] is not None}
+        before = {name: self._parameters[name].data for name in _FP32_STATE
+                  if self._parameters[name] is not None}
         super()._apply(fn, recurse)
         for name, data in before.items():
             param = self._parameters[name]
@@ -198,7 +204,8 @@ class NF4Linear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, "
                 f"nf4 blocksize={self.blocksize}, double_quant={self.double_quant}, "
                 f"weight_dtype={str(self.weight_dtype).removeprefix('torch.')}")
 
@@ -212,7 +219,8 @@ def quantizable_linears(model: nn.Module, skip: list[str] | tuple[str, ...] = ()
     adapters = {name for name in adapter_internals(model) if not name.endswith(".base_layer")}
     in_head = lambda name: any(name == h or name.startswith(h + ".") for h in heads)  # noqa: E731
     return [name for name, m in model.named_modules()
-            if type(m) is nn.Linear and not in_head(name) and name not in adapters and not matches(name, list(skip))]
+            if type(m) is nn.Linear and not in_head(name) and name not in adapters
+            and not matches(name, list(skip))]
 
 
 def quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
@@ -223,7 +231,8 @@ def quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = T
     layer's fp32 temporaries. To load a checkpoint straight into 4 bits without ever holding
     it in full precision, use ``load_pretrained(..., quantization="nf4")``."""
     for name in quantizable_linears(model, skip):
-        replace_module(model, name, NF4Linear.from_linear(model.get_submodule(name), blocksize, double_quant, name=name))
+        replace_module(model, name,
+                       NF4Linear.from_linear(model.get_submodule(name), blocksize, double_quant, name=name))
     return model
 
 

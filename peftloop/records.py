@@ -59,7 +59,8 @@ class DataStats:
             parts.append(f"{self.dropped_no_labels} dropped (no label token left after truncation)")
         if self.skipped:
             reasons = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common())
-            parts.append(f"{sum(self.skipped.values())} bad lines skipped ({reasons}; first: {self.first_skipped})")
+            parts.append(f"{sum(self.skipped.values())} bad lines skipped "
+                         f"({reasons}; first: {self.first_skipped})")
         return "; ".join(parts)
 
 
@@ -86,7 +87,7 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, bytes | DataError]]:
                 yield number, raw
 
 
-def parse_record(raw: "bytes | DataError", where: str) -> dict[str, Any]:
+def parse_record(raw: bytes | DataError, where: str) -> dict[str, Any]:
     """One line -> one JSON object. Decoded line by line, so a bad byte is reported at its line."""
     if isinstance(raw, DataError):
         raise raw
@@ -118,7 +119,8 @@ class ExampleBuilder:
             messages = self.messages(record, self.config.messages_field, where)
             trained = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
             if self.config.completion_only_loss and not trained:
-                raise DataError(f"{where}: {self.config.messages_field!r} has no assistant message to train on",
+                raise DataError(f"{where}: {self.config.messages_field!r} "
+                                "has no assistant message to train on",
                                 "no assistant message")
             return self.chat_example(messages, trained, where)
         return self.prompt_completion_example(record, where)
@@ -151,7 +153,8 @@ class ExampleBuilder:
             messages = prompt + completion
             trained = [i for i in range(len(prompt), len(messages)) if messages[i]["role"] == "assistant"]
             if not trained:
-                raise DataError(f"{where}: {c.completion_field!r} has no assistant message", "no assistant message")
+                raise DataError(f"{where}: {c.completion_field!r} has no assistant message",
+                                "no assistant message")
             return self.chat_example(messages, trained, where)
         prompt = self.string(record, c.prompt_field, where, allow_empty=True)
         completion = self.string(record, c.completion_field, where)
@@ -178,14 +181,16 @@ class ExampleBuilder:
         ids, offsets = self.tokenizer.encode_with_offsets(text, add_special_tokens=False)
         if not self.config.completion_only_loss:
             return {"input_ids": ids, "labels": list(ids)}
-        labels = [t if any(s <= start < e for s, e in spans) else IGNORE_INDEX for t, (start, _) in zip(ids, offsets)]
+        labels = [t if any(s <= start < e for s, e in spans) else IGNORE_INDEX
+                  for t, (start, _) in zip(ids, offsets)]
         return {"input_ids": ids, "labels": labels}
 
     # fields -------------------------------------------------------------------------------------
 
     def string(self, record, name: str, where: str, allow_empty: bool = False) -> str:
         if name not in record:
-            raise DataError(f"{where}: missing field {name!r} (the record has {sorted(record)})", f"missing {name!r}")
+            raise DataError(f"{where}: missing field {name!r} (the record has {sorted(record)})",
+                            f"missing {name!r}")
         value = record[name]
         if not isinstance(value, str):
             raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}",
@@ -196,17 +201,21 @@ class ExampleBuilder:
 
     def messages(self, record, name: str, where: str, allow_empty: bool = False) -> list[dict[str, Any]]:
         if name not in record:
-            raise DataError(f"{where}: missing field {name!r} (the record has {sorted(record)})", f"missing {name!r}")
+            raise DataError(f"{where}: missing field {name!r} (the record has {sorted(record)})",
+                            f"missing {name!r}")
         messages = record[name]
         if not isinstance(messages, list) or (not messages and not allow_empty):
             raise DataError(f"{where}: field {name!r} must be a non-empty list of {{\"role\", \"content\"}} "
                             f"messages", f"bad {name!r}")
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise DataError(f"{where}: {name}[{i}] must be an object with string \"role\" and \"content\"",
+            if (not isinstance(m, dict) or not isinstance(m.get("role"), str)
+                    or not isinstance(m.get("content"), str)):
+                raise DataError(f"{where}: {name}[{i}] must be an object with string "
+                                "\"role\" and \"content\"",
                                 "bad message")
             if m["role"] == "assistant" and not m["content"].strip():
-                raise DataError(f"{where}: {name}[{i}] is an empty assistant message", "empty assistant message")
+                raise DataError(f"{where}: {name}[{i}] is an empty assistant message",
+                                "empty assistant message")
         return messages
 
     def with_eos(self, ids: list[int]) -> list[int]:

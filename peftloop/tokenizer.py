@@ -71,7 +71,7 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None,
-                        cache_dir: str | Path | None = None) -> "Tokenizer":
+                        cache_dir: str | Path | None = None) -> Tokenizer:
         """Read a tokenizer from a model folder or hub id (only the tokenizer files are fetched)."""
         folder = resolve_model(name_or_path, revision=revision, cache_dir=cache_dir, weights=False)
         path = folder / "tokenizer.json"
@@ -82,7 +82,8 @@ class Tokenizer:
             backend = Backend.from_file(str(path))
         except Exception as e:  # the tokenizers library raises a bare Exception on a bad file
             raise TokenizerError(f"{path}: not a valid tokenizer.json ({e})") from None
-        config = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
+        config = {**_read_json(folder / "special_tokens_map.json"),
+                  **_read_json(folder / "tokenizer_config.json")}
         template = config.get("chat_template")
         if (folder / "chat_template.jinja").is_file():
             template = (folder / "chat_template.jinja").read_text()
@@ -142,7 +143,8 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_with_offsets(self, text: str, add_special_tokens: bool = False) -> tuple[list[int], list[tuple]]:
+    def encode_with_offsets(self, text: str,
+                            add_special_tokens: bool = False) -> tuple[list[int], list[tuple]]:
         """Token ids and, for each, the (start, end) characters of ``text`` it came from."""
         encoding = self.backend.encode(text, add_special_tokens=add_special_tokens)
         return encoding.ids, encoding.offsets
@@ -152,11 +154,13 @@ class Tokenizer:
 
     # Chat ---------------------------------------------------------------------------------------
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False, **kwargs) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+                    **kwargs) -> str:
         """The chat template's text for ``messages`` (transformers' apply_chat_template(tokenize=False))."""
         if not self.chat_template:
-            raise TokenizerError(f"{self.source}: the tokenizer has no chat_template (tokenizer_config.json or "
-                                 "chat_template.jinja), so chat messages cannot be formatted")
+            raise TokenizerError(f"{self.source}: the tokenizer has no chat_template "
+                                 "(tokenizer_config.json or chat_template.jinja), "
+                                 "so chat messages cannot be formatted")
         special = {k: v for k, v in self.special_tokens.items() if v is not None}
         variables = {**special, "additional_special_tokens": self.additional_special_tokens, **kwargs}
         # as transformers does: keys whose value is None are dropped from each message
@@ -173,7 +177,8 @@ class Tokenizer:
         text = self.render_chat(messages, add_generation_prompt, **kwargs)
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
-    def chat_spans(self, messages: list[dict[str, Any]], trained: list[int]) -> tuple[str, list[tuple[int, int]]]:
+    def chat_spans(self, messages: list[dict[str, Any]],
+                   trained: list[int]) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the character span of each message in ``trained``: from
         the end of the text the template renders before it (with the generation prompt) to the
         end of the text that includes it. The span is what the model must produce for that
@@ -185,8 +190,9 @@ class Tokenizer:
             through = self.render_chat(messages[:i + 1])
             if not (through.startswith(before) and text.startswith(through)):
                 raise TokenizerError(
-                    f"chat template: rendering the conversation up to message {i} is not a prefix of rendering "
-                    "all of it, so the assistant tokens cannot be located (the template rewrites earlier turns); "
+                    f"chat template: rendering the conversation up to message {i} is not a prefix of "
+                    "rendering all of it, so the assistant tokens cannot be located "
+                    "(the template rewrites earlier turns); "
                     "set completion_only_loss = false to train on every token")
             spans.append((len(before), len(through)))
         return text, spans
@@ -229,7 +235,8 @@ def _compiled(source: str):
         return _TEMPLATES[source]
 
     class GenerationBlock(Extension):
-        """``{% generation %}...{% endgeneration %}`` (transformers marks assistant text with it): render the body."""
+        """``{% generation %}...{% endgeneration %}`` (transformers marks assistant text with it):
+        render the body."""
 
         tags = {"generation"}
 
@@ -246,9 +253,11 @@ def _compiled(source: str):
 
     def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         # jinja's own tojson escapes HTML characters; templates expect plain JSON
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationBlock, loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)

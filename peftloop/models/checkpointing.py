@@ -49,7 +49,8 @@ class OffloadedCheckpoint(torch.autograd.Function):
         ctx.run, ctx.params, ctx.device = run, params, x.device
         ctx.x_requires_grad = x.requires_grad
         device_type = x.device.type
-        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type),
+                        torch.get_autocast_dtype(device_type))
         ctx.cpu_rng = torch.get_rng_state()
         ctx.devices, ctx.device_rng = torch_checkpoint.get_device_states(x)
         if x.device.type == "cpu":
@@ -68,10 +69,11 @@ class OffloadedCheckpoint(torch.autograd.Function):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.devices:
                 torch_checkpoint.set_device_states(ctx.devices, ctx.device_rng, device_type=device_type)
-            with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
+            with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype,
+                                                     enabled=autocast_enabled):
                 y = ctx.run(x)
-        wanted = ([x] if ctx.x_requires_grad else []) + [p for p, need in zip(ctx.params, ctx.needs_input_grad[2:])
-                                                         if need]
+        wanted = (([x] if ctx.x_requires_grad else [])
+                  + [p for p, need in zip(ctx.params, ctx.needs_input_grad[2:]) if need])
         grads = iter(torch.autograd.grad(y, wanted, grad_y, allow_unused=True))
         grad_x = next(grads) if ctx.x_requires_grad else None
         grad_params = [next(grads) if need else None for need in ctx.needs_input_grad[2:]]
@@ -80,7 +82,8 @@ class OffloadedCheckpoint(torch.autograd.Function):
 
 
 def checkpoint_layer(layer: nn.Module, x: torch.Tensor, *args, offload: bool = False) -> torch.Tensor:
-    """``layer(x, *args)`` whose activations are recomputed in the backward pass (see the module docstring)."""
+    """``layer(x, *args)`` whose activations are recomputed in the backward pass (see the module
+    docstring)."""
     if not offload:
         return torch_checkpoint.checkpoint(layer, x, *args, use_reentrant=False)
     params = [p for p in layer.parameters() if p.requires_grad]

@@ -100,7 +100,8 @@ class LlamaConfig:
 
     def __post_init__(self):
         if self.model_type not in FAMILIES:
-            raise ValueError(f"model_type={self.model_type!r} is not supported; supported: {', '.join(FAMILIES)}")
+            raise ValueError(f"model_type={self.model_type!r} is not supported; "
+                             f"supported: {', '.join(FAMILIES)}")
         self.architectures = [FAMILIES[self.model_type]]
         self.qkv_bias = self.qkv_bias or self.model_type == "qwen2"
         self.qk_norm = self.qk_norm or self.model_type == "qwen3"
@@ -117,14 +118,17 @@ class LlamaConfig:
             raise ValueError(f"hidden_act={self.hidden_act!r}: only 'silu' (SwiGLU) is supported")
         self._check_family_switches()
         if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
+                             f"{self.num_hidden_layers} layers")
         if self.layer_types is not None and set(self.layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION}:
-            raise ValueError(f"layer_types={self.layer_types}: expected {FULL_ATTENTION!r} or {SLIDING_ATTENTION!r}")
+            raise ValueError(f"layer_types={self.layer_types}: expected {FULL_ATTENTION!r} or "
+                             f"{SLIDING_ATTENTION!r}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window={self.sliding_window} must be >= 1 (or None)")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
-            raise ValueError(f"rope_scaling.rope_type={rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+            raise ValueError(f"rope_scaling.rope_type={rope_type!r} is not supported "
+                             f"(supported: {', '.join(ROPE_TYPES)})")
 
     def _check_family_switches(self) -> None:
         """Refuse a switch this model_type's config.json cannot carry (transformers would build
@@ -152,7 +156,7 @@ class LlamaConfig:
     # config.json ---------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> "LlamaConfig":
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> LlamaConfig:
         """Read a HF config.json dict of any family in FAMILIES (transformers 4 or 5 layout)."""
         d = dict(d)
         model_type = d.pop("model_type", None) or _model_type_of(d.get("architectures"), source)
@@ -171,8 +175,10 @@ class LlamaConfig:
         if isinstance(dtype, str):
             known["torch_dtype"] = dtype
         # the switches transformers' class for this family reads; any other stays in extra, unused
-        ignored = {"attention_bias", "mlp_bias", "sliding_window", "layer_types"} - set(_SWITCHES_READ[model_type])
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "qkv_bias", "qk_norm"} - set(known) - ignored
+        ignored = ({"attention_bias", "mlp_bias", "sliding_window", "layer_types"}
+                   - set(_SWITCHES_READ[model_type]))
+        names = ({f.name for f in dataclasses.fields(cls)} - {"extra", "qkv_bias", "qk_norm"}
+                 - set(known) - ignored)
         for name in names & set(d):
             known[name] = d.pop(name)
         for legacy in ("qkv_bias", "qk_norm", "extra"):  # written by early peftloop versions
@@ -185,15 +191,16 @@ class LlamaConfig:
     def to_dict(self) -> dict[str, Any]:
         """HF's config.json for this model_type: the fields transformers' config class declares."""
         d = dict(self.extra)
-        common = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps",
-                  "tie_word_embeddings", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id",
-                  "initializer_range", "architectures", "model_type", "torch_dtype")
+        common = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+                  "rms_norm_eps", "tie_word_embeddings", "hidden_act", "bos_token_id", "eos_token_id",
+                  "pad_token_id", "initializer_range", "architectures", "model_type", "torch_dtype")
         d.update({name: getattr(self, name) for name in common})
         # transformers 4 reads rope_theta + rope_scaling, transformers 5 rope_parameters: write both.
         d["rope_theta"] = self.rope_theta
         d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
-        d["rope_parameters"] = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        d["rope_parameters"] = {"rope_type": "default", **(self.rope_scaling or {}),
+                                "rope_theta": self.rope_theta}
         if self.model_type in ("llama", "qwen3"):
             d["attention_bias"] = self.attention_bias
         if self.model_type == "llama":
@@ -208,7 +215,7 @@ class LlamaConfig:
         return d
 
     @classmethod
-    def from_json_file(cls, path: str | Path) -> "LlamaConfig":
+    def from_json_file(cls, path: str | Path) -> LlamaConfig:
         with open(path) as f:
             return cls.from_dict(json.load(f), source=str(path))
 
@@ -230,8 +237,8 @@ def _model_type_of(architectures: list[str] | None, source: str) -> str:
     for arch in architectures or []:
         if arch in by_architecture:
             return by_architecture[arch]
-    raise ValueError(f"{source}: architectures={architectures!r} with no model_type; supported architectures: "
-                     f"{', '.join(by_architecture)}")
+    raise ValueError(f"{source}: architectures={architectures!r} with no model_type; "
+                     f"supported architectures: {', '.join(by_architecture)}")
 
 
 def _rope_fields(d: dict[str, Any], source: str) -> dict[str, Any]:
@@ -243,10 +250,12 @@ def _rope_fields(d: dict[str, Any], source: str) -> dict[str, Any]:
     scaling.pop("rope_theta", None)
     rope_type = scaling.pop("type", None) or scaling.get("rope_type", "default")
     if rope_type not in ROPE_TYPES:
-        raise ValueError(f"{source}: rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+        raise ValueError(f"{source}: rope type {rope_type!r} is not supported "
+                         f"(supported: {', '.join(ROPE_TYPES)})")
     if scaling.get("partial_rotary_factor", 1.0) != 1.0 or d.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(f"{source}: partial_rotary_factor != 1 is not supported")
-    fields: dict[str, Any] = {"rope_scaling": None if rope_type == "default" else {**scaling, "rope_type": rope_type}}
+    fields: dict[str, Any] = {"rope_scaling": None if rope_type == "default"
+                              else {**scaling, "rope_type": rope_type}}
     if theta is not None:
         fields["rope_theta"] = float(theta)
     return fields
@@ -507,7 +516,8 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """HF's init: normal(0, initializer_range) for Linear and Embedding weights, zero biases, unit norms."""
+        """HF's init: normal(0, initializer_range) for Linear and Embedding weights, zero biases,
+        unit norms."""
         std = self.config.initializer_range
         with torch.no_grad():
             for module in self.modules():
@@ -539,7 +549,8 @@ class LlamaForCausalLM(nn.Module):
         head = self.lm_head
         if isinstance(head, nn.Linear) or type(head).__name__ == "TrainableCopy":
             return kernels.linear_cross_entropy(
-                hidden, head.weight, targets, bias=head.bias, label_smoothing=label_smoothing, reduction="sum")
+                hidden, head.weight, targets, bias=head.bias, label_smoothing=label_smoothing,
+                reduction="sum")
         # an adapted head (LoRA on lm_head): run the module, then the loss
         logits = head(hidden).float()
         return F.cross_entropy(logits, targets, label_smoothing=label_smoothing, reduction="sum")

@@ -70,7 +70,8 @@ def config_from_folder(folder: str | Path):
         found = unknown[0] if unknown else f"model_type={raw.get('model_type')!r}"
         raise CheckpointFormatError(
             f"{path}: architecture {found!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}")
-    config_cls, model_cls = ARCHITECTURES[architectures[0]] if architectures else (LlamaConfig, LlamaForCausalLM)
+    config_cls, model_cls = (ARCHITECTURES[architectures[0]] if architectures
+                             else (LlamaConfig, LlamaForCausalLM))
     try:
         return config_cls.from_dict(raw, source=str(path)), model_cls
     except ValueError as e:
@@ -92,14 +93,16 @@ def weight_files(folder: str | Path) -> list[Path]:
             # A shard is a plain file name beside the index: no "../", no absolute or nested path
             # that would make us read a file outside the checkpoint.
             if not isinstance(name, str) or not re.fullmatch(r"[\w][\w.-]*\.safetensors", name):
-                raise CheckpointFormatError(f"{index}: weight_map[{key!r}] = {name!r} is not a shard file name "
-                                            "in this folder (expected e.g. 'model-00001-of-00002.safetensors')")
+                raise CheckpointFormatError(f"{index}: weight_map[{key!r}] = {name!r} is not a shard "
+                                            "file name in this folder "
+                                            "(expected e.g. 'model-00001-of-00002.safetensors')")
         files = [folder / name for name in sorted(set(weight_map.values()))]
     else:
         files = [folder / "model.safetensors"]
     for f in files:
         if not f.is_file():
-            hint = " (only safetensors checkpoints are read; no pickle)" if f.name == "model.safetensors" else ""
+            hint = (" (only safetensors checkpoints are read; no pickle)" if f.name == "model.safetensors"
+                    else "")
             raise CheckpointFormatError(f"{f}: not found{hint}")
     return files
 
@@ -109,7 +112,8 @@ def _skipped_key(key: str, tied: bool) -> bool:
     return (tied and key == "lm_head.weight") or key.endswith("rotary_emb.inv_freq")
 
 
-def load_pretrained(name_or_path: str | Path, dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu",
+def load_pretrained(name_or_path: str | Path, dtype: str | torch.dtype = "fp32",
+                    device: str | torch.device = "cpu",
                     revision: str | None = None, cache_dir: str | Path | None = None,
                     quantization: str | None = None, quant_blocksize: int = 64, double_quant: bool = True):
     """Load a HF-format causal LM (a local folder or a hub id) straight into ``dtype`` on ``device``.
@@ -127,7 +131,8 @@ def load_pretrained(name_or_path: str | Path, dtype: str | torch.dtype = "fp32",
     if sys.byteorder != "little":
         raise RuntimeError("peftloop reads safetensors (little-endian) on little-endian machines only")
     if quantization is not None and quantization not in QUANTIZATION_METHODS:
-        raise ValueError(f"quantization={quantization!r}: expected None or one of {', '.join(QUANTIZATION_METHODS)}")
+        raise ValueError(f"quantization={quantization!r}: expected None or one of "
+                         f"{', '.join(QUANTIZATION_METHODS)}")
     folder = resolve_model(name_or_path, revision=revision, cache_dir=cache_dir)
     config, model_cls = config_from_folder(folder)
     dtype = parse_dtype(dtype)
@@ -149,12 +154,14 @@ def load_pretrained(name_or_path: str | Path, dtype: str | torch.dtype = "fp32",
                     raise CheckpointFormatError(f"{path}: unexpected tensor {key!r} for {model_cls.__name__} "
                                                 f"(model_type {config.model_type!r})")
                 if tuple(entry["shape"]) != tuple(expected[key].shape):
-                    raise CheckpointFormatError(f"{path}: tensor {key!r} has shape {tuple(entry['shape'])}, the "
-                                                f"config implies {tuple(expected[key].shape)}")
+                    raise CheckpointFormatError(f"{path}: tensor {key!r} has shape "
+                                                f"{tuple(entry['shape'])}, the config implies "
+                                                f"{tuple(expected[key].shape)}")
                 module_name, _, tensor_name = key.rpartition(".")
                 if tensor_name == "weight" and module_name in quantized:
                     weight = read_tensor(f, data_start, entry, torch.float32, buffer).to(device)
-                    states[module_name] = quantize_nf4(weight, quant_blocksize, double_quant, name=f"{path}: {key}")
+                    states[module_name] = quantize_nf4(weight, quant_blocksize, double_quant,
+                                                       name=f"{path}: {key}")
                     del weight
                     continue
                 loaded[key] = read_tensor(f, data_start, entry, dtype, buffer).to(device)
@@ -185,9 +192,11 @@ def save_pretrained(model: nn.Module, folder: str | Path, max_shard_bytes: int =
     plus the tokenizer files found in ``copy_from``, all in one atomic folder."""
     quantized = nf4_layers(model)
     if quantized:
-        raise ValueError(f"save_pretrained: {len(quantized)} layer(s) are 4-bit (NF4), e.g. {next(iter(quantized))!r}; "
+        raise ValueError(f"save_pretrained: {len(quantized)} layer(s) are 4-bit (NF4), "
+                         f"e.g. {next(iter(quantized))!r}; "
                          "transformers cannot read peftloop's 4-bit tensors. Dequantise first: "
-                         "merge_and_unload(model, dtype=torch.bfloat16) or peftloop.nf4.dequantize_model(model)")
+                         "merge_and_unload(model, dtype=torch.bfloat16) or "
+                         "peftloop.nf4.dequantize_model(model)")
     folder = Path(folder)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     config = model.config
@@ -239,6 +248,6 @@ def enable_gradient_checkpointing(model: nn.Module, offload: bool = False) -> nn
                              f"not {type(inner).__name__}")
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
-        raise TypeError(f"enable_gradient_checkpointing: {type(inner).__name__} has no decoder layers peftloop "
-                        "knows how to checkpoint")
+        raise TypeError(f"enable_gradient_checkpointing: {type(inner).__name__} has no decoder layers "
+                        "peftloop knows how to checkpoint")
     return model

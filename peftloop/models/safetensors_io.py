@@ -18,7 +18,8 @@ class CheckpointFormatError(ValueError):
     """A model folder is missing files or has tensors of the wrong name or shape."""
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16}
 CONVERSION_CHUNK_BYTES = 16 << 20  # a tensor of another dtype is converted through a buffer this size
 
 
@@ -52,10 +53,12 @@ def _check_entry(path: Path, key: str, entry, data_size: int) -> None:
     try:
         dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
     except (TypeError, KeyError, ValueError):
-        raise CheckpointFormatError(f"{path}: tensor {key!r} has a malformed header entry: {entry!r}") from None
+        raise CheckpointFormatError(f"{path}: tensor {key!r} has a malformed header entry: "
+                                    f"{entry!r}") from None
     if dtype not in SAFETENSORS_DTYPES:
-        raise CheckpointFormatError(f"{path}: tensor {key!r} has dtype {dtype}; peftloop loads floating-point "
-                                    f"weights ({', '.join(SAFETENSORS_DTYPES)}), not quantized ones")
+        raise CheckpointFormatError(f"{path}: tensor {key!r} has dtype {dtype}; peftloop loads "
+                                    f"floating-point weights ({', '.join(SAFETENSORS_DTYPES)}), "
+                                    "not quantized ones")
     nbytes = SAFETENSORS_DTYPES[dtype].itemsize
     for n in shape:
         nbytes *= n
@@ -64,7 +67,8 @@ def _check_entry(path: Path, key: str, entry, data_size: int) -> None:
                                     f"[{begin}, {end}] that do not fit it or the file (truncated download?)")
 
 
-def read_tensor(f, offset: int, entry: dict, dtype: torch.dtype, buffer: torch.Tensor | None = None) -> torch.Tensor:
+def read_tensor(f, offset: int, entry: dict, dtype: torch.dtype,
+                buffer: torch.Tensor | None = None) -> torch.Tensor:
     """One tensor of an open safetensors file, allocated once in ``dtype``. Another file dtype is
     converted chunk by chunk through ``buffer`` (bytes; one buffer serves every tensor, so no
     freed chunks pile up in the allocator), so no full-size copy in the file's dtype ever exists."""
