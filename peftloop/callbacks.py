@@ -1,6 +1,8 @@
 """Callbacks: code that watches the loop (logging, early stopping) without changing its math.
 
-A callback may set ``state.should_stop = True``; the loop stops after the current step.
+A callback may set ``state.should_stop = True``; the loop stops after the current step (on every
+rank). ``train()`` calls them in this order: ``JsonlLogger`` (rank 0), the caller's, then
+``EarlyStopping`` when ``early_stopping_patience`` is set.
 """
 
 from __future__ import annotations

@@ -26,6 +26,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
 
 
 @dataclass
@@ -52,7 +58,8 @@ def setup(strategy: str, device: torch.device) -> tuple[Dist, torch.device]:
     if world_size == 1:
         return Dist(), device
     if strategy == "none":
-        raise RuntimeError(f"train.strategy='none' but WORLD_SIZE={world_size}: use 'ddp' or 'fsdp' under torchrun")
+        raise RuntimeError(f"train.strategy='none' but WORLD_SIZE={world_size}: "
+                           "use 'ddp' or 'fsdp' under torchrun")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
@@ -77,8 +84,6 @@ def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
     if d.strategy == "ddp":
         device_ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    from torch.distributed.fsdp import fully_shard
-
     for layer in decoder_layers(model):
         fully_shard(layer)
     fully_shard(model)
@@ -159,6 +164,40 @@ def scatter_objects(objs: list | None, d: Dist):
     box = [None]
     dist.scatter_object_list(box, objs if d.is_main else None, src=0)
     return box[0]
+
+
+def run_on_rank0(fn, d: Dist, task: str):
+    """``fn()`` on rank 0 alone; its result there, None on the other ranks.
+
+    A failure is shared: rank 0 raises its exception and every other rank a RuntimeError that
+    names it, so no rank is left waiting in a collective that rank 0 will never reach."""
+    result, error = None, None
+    if d.is_main:
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    error_text = broadcast_object(error and f"{type(error).__name__}: {error}", d)
+    if error is not None:
+        raise error
+    if error_text:
+        raise RuntimeError(f"rank 0 could not {task}: {error_text}")
+    return result
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state as whole CPU tensors keyed by parameter name, whatever the wrapping
+    (a collective under FSDP2: each rank holds only its shard of every moment)."""
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict | None,
+                              d: Dist) -> None:
+    """Load a whole optimizer state (``full_optimizer_state``'s form) that only rank 0 holds: it is
+    broadcast, and under FSDP2 each rank keeps its shard."""
+    set_optimizer_state_dict(model, optimizer, state if d.is_main else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=d.enabled))
 
 
 def barrier(d: Dist) -> None:

@@ -2,20 +2,25 @@
 
     result = train(model, train_data, eval_data, TrainConfig(...))
 
-Phases, in the order they run:
+``train()`` runs these phases, in this order, each a marked block:
 
-  1. set-up       device, seeds, precision (autocast + a GradScaler that is a no-op unless fp16)
-  2. plan         micro-batches per epoch -> optimizer steps -> warmup, total
-  3. optimizer    AdamW over the trainable parameters; resume restores it with everything else
-  4. the step     for each optimizer step:
-                    a. learning rate = lr_at(step)
-                    b. take the accumulation window (grad_accum micro-batches) and count its
-                       label tokens: the loss of the step is (sum of token losses) / (that count)
-                    c. forward + backward per micro-batch, each scaled by 1 / count
-                    d. unscale (fp16) -> clip (log the norm before clipping) -> optimizer step
-                       (the scaler skips it when a gradient is inf/NaN) -> zero grads
-  5. bookkeeping  log, evaluate, save a checkpoint, stop early; callbacks watch, never change the math
-  6. the end      final evaluation, the adapter in PEFT's format in output_dir/adapter
+  1. set-up    the model must carry adapters; device, processes, seeds, precision (autocast and
+               a GradScaler that is a no-op unless fp16)
+  2. plan      micro-batches per epoch -> optimizer steps -> warmup; the learning rate is lr_at(step)
+  3. resume    rank 0 reads the checkpoint and loads the adapter; wrap (DDP / FSDP2); the optimizer;
+               its state, the scaler's, the RNGs and the data position come back; callbacks start
+  4. the loop  for each epoch, for each window (grad_accum micro-batches: one optimizer step):
+                 a. learning rate   lr_at(step)
+                 b. tokens          the window's label tokens, summed over ranks: the loss of the
+                                    step is (sum of its token losses) / (that count)
+                 c. micro-batches   forward, then backward of (summed loss) / (that count)
+                 d. the update      unscale (fp16) -> clip (the norm before clipping is logged)
+                                    -> optimizer step (the scaler skips it on inf/NaN)
+                                    -> scaler update -> zero the gradients
+                 e. log   f. evaluate   g. save a checkpoint   h. stop?
+  5. the end   final evaluation, the adapter in PEFT's format in output_dir/adapter
+
+Callbacks watch; the only thing one may change is ``state.should_stop``.
 
 Under torchrun the same function runs on every rank (``distributed.py``): each rank takes its
 slice of every global micro-batch, the token count is summed over ranks before the division, and
@@ -33,6 +38,7 @@ import itertools
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,13 +49,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
-
-from peftloop import checkpoint, distributed
+from peftloop import checkpoint, distributed, files
+from peftloop.adapter_format import adapter_state_dict, load_adapter_state_dict
 from peftloop.callbacks import Callback, EarlyStopping, JsonlLogger
-from peftloop.config import TrainConfig
+from peftloop.config import LoraConfig, TrainConfig
 from peftloop.data import IGNORE_INDEX, collate, input_tokens, label_tokens, micro_batches, num_micro_batches
-from peftloop.inject import adapter_state_dict, load_adapter_state_dict
 from peftloop.kernels import native_low_precision_cpu
 from peftloop.optim import build_optimizer
 from peftloop.schedule import lr_at, warmup_steps_for
@@ -80,6 +84,21 @@ class TrainState:
     """False on every torchrun rank but 0: callbacks that write files should check it."""
 
 
+SAVED_FIELDS = [f.name for f in dataclasses.fields(TrainState) if f.metadata.get("saved", True)]
+"""The TrainState fields a checkpoint holds."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """The data of one optimizer step: this rank's share of ``grad_accum`` consecutive global
+    micro-batches (fewer at the end of an epoch), and where it leaves the epoch."""
+
+    micro_batches: list[dict[str, torch.Tensor]]
+    examples_done: int
+    """Examples of the epoch consumed once this window is done, over all ranks."""
+    last_in_epoch: bool
+
+
 class NonFiniteError(RuntimeError):
     """A loss, gradient or adapter tensor became NaN/inf (nan_policy="stop", or before a save)."""
 
@@ -100,10 +119,12 @@ def train(
     callbacks: list[Callback] | tuple = (),
     collate_fn=collate,
 ) -> TrainResult:
+    """Train the adapters of ``model`` on ``train_data``: the phases of the module docstring, in order."""
     config = config or TrainConfig()
     output_dir = Path(config.output_dir)
 
-    # ---- 1. set-up: device, processes, seeds, precision ---------------------------------------
+    # ---- 1. set-up: adapters, device, processes, seeds, precision ------------------------------
+    lora_config = require_adapters(model)  # before anything is read or written on disk
     dist_, device = distributed.setup(config.strategy, resolve_device(config.device))
     model.to(device)
     # Ranks draw different dropout masks; the data order is seeded separately (data.epoch_order).
@@ -122,7 +143,7 @@ def train(
     # step, and skip steps whose gradients overflowed. Disabled, every call is a pass-through.
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
 
-    # ---- 2. plan: how many optimizer steps -------------------------------------------------
+    # ---- 2. plan: how many optimizer steps ---------------------------------------------------
     # A global micro-batch is micro_batch_size examples per rank; rank r collates its slice.
     global_micro_batch = config.micro_batch_size * dist_.world_size
     rank_collate = _rank_slice(collate_fn, dist_.rank, config.micro_batch_size)
@@ -140,31 +161,18 @@ def train(
         return lr_at(step, peak_lr=config.learning_rate, total_steps=total_steps, warmup_steps=warmup,
                      kind=config.lr_scheduler, min_lr_ratio=config.min_lr_ratio)
 
-    # ---- 3. resume, wrap, optimizer ------------------------------------------------------------
-    lora_config = model.lora_config
-    # Rank 0 reads the checkpoint; the adapter goes in before wrapping (wrap() hands rank 0's
-    # tensors to every rank). A failure is shared, so no rank is left waiting in a collective.
-    resume_path, saved, error = None, None, None
-    if dist_.is_main:
-        checkpoint.recover_interrupted_writes(output_dir)
-        try:
-            resume_path = _resume_path(config)
-            if resume_path is not None:
-                saved = checkpoint.load_checkpoint(resume_path)
-                load_adapter_state_dict(model, saved["adapter"], source=str(resume_path))
-        except Exception as e:
-            error = e
-    resume_path, error_text = distributed.broadcast_object((resume_path, error and f"{type(error).__name__}: {error}"), dist_)
-    if error is not None:
-        raise error
-    if error_text:
-        raise RuntimeError(f"rank 0 could not resume: {error_text}")
+    # ---- 3. resume, wrap, optimizer, callbacks --------------------------------------------------
+    # Rank 0 reads the checkpoint and loads its adapter before wrapping: wrap() hands rank 0's
+    # tensors to every rank. If rank 0 fails, every rank raises, so none waits in a collective.
+    saved = distributed.run_on_rank0(lambda: read_checkpoint_to_resume(config, model), dist_, "resume")
+    resume_path = distributed.broadcast_object(saved and saved["path"], dist_)
     model = distributed.wrap(model, dist_, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, config)
     state = TrainState(is_main_process=dist_.is_main)
     if resume_path is not None:
-        state = _restore(state, saved, model, optimizer, scaler, dist_, resume_path)
+        # the optimizer's moments, the scaler, every RNG and the data position: exactly where it was
+        state = restore_training_state(saved, model, optimizer, scaler, dist_, resume_path)
         if dist_.is_main:
             print(f"peftloop: resumed from {resume_path} at step {state.global_step}")
 
@@ -181,7 +189,8 @@ def train(
         model.eval()
         loss_total, tokens = 0.0, 0
         eval_collate = _rank_slice(collate_fn, dist_.rank, config.eval_batch_size)
-        for batch in micro_batches(eval_data, config.eval_batch_size * dist_.world_size, collate_fn=eval_collate):
+        global_eval_batch = config.eval_batch_size * dist_.world_size
+        for batch in micro_batches(eval_data, global_eval_batch, collate_fn=eval_collate):
             batch = _to_device(batch, device)
             with autocast():
                 loss_total += float(summed_token_loss(model, batch))
@@ -193,137 +202,128 @@ def train(
         return {"step": state.global_step, "eval_loss": eval_loss,
                 "eval_perplexity": math.exp(min(eval_loss, 700.0)), "eval_tokens": tokens}
 
-    def save() -> None:
-        # Gathering is collective (FSDP2 shards, per-rank RNG); writing is rank 0's alone.
-        path = output_dir / f"checkpoint-{state.global_step}"
-        adapter = _gather_adapter(model)
-        bad = next((k for k, v in adapter.items() if not bool(torch.isfinite(v).all())), None)
-        if bad is not None:  # a NaN never reaches a checkpoint
-            raise NonFiniteError(f"step {state.global_step}: not saving {path.name}: {bad} has NaN/inf values")
-        optimizer_state = get_optimizer_state_dict(
-            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        rng_states = distributed.gather_objects(checkpoint.rng_state(), dist_)
-        error = None
-        if dist_.is_main:
-            trainer_state = {**_saved_state(state, config), "scaler": scaler.state_dict(),
-                             "world_size": dist_.world_size, "micro_batch_size": config.micro_batch_size}
-            try:
-                checkpoint.save_checkpoint(path, adapter=adapter, lora_config=lora_config,
-                                           optimizer_state=optimizer_state, rng_states=rng_states,
-                                           trainer_state=trainer_state)
-                checkpoint.rotate_checkpoints(output_dir, config.save_total_limit)
-            except OSError as e:  # disk full, quota, permissions: the previous checkpoint is untouched
-                previous = checkpoint.latest_checkpoint(output_dir)
-                error = f"could not write {path}: {e}; the newest complete checkpoint is {previous or 'none'}"
-        error = distributed.broadcast_object(error, dist_)  # every rank takes the same branch
-        if error is not None:
-            if config.on_save_error == "stop":
-                raise checkpoint.CheckpointError(error)
-            if dist_.is_main:
-                progress.write(f"peftloop: {error}; training continues (on_save_error='continue')")
-            return
-        for cb in callbacks:
-            cb.on_save(state, path)
-
-    # ---- 4. the loop ----------------------------------------------------------------------
+    # ---- 4. the loop: epochs, windows, micro-batches, the update ---------------------------------
     model.train()
-    windows = accumulation_windows(train_data, config, state, rank_collate, global_micro_batch)
-    progress = tqdm(total=total_steps, initial=state.global_step, disable=not (config.progress_bar and dist_.is_main),
-                    dynamic_ncols=True, desc="train")
+    progress = tqdm(total=total_steps, initial=state.global_step, dynamic_ncols=True, desc="train",
+                    disable=not (config.progress_bar and dist_.is_main))
     last_eval: dict[str, float] = {}
     losses_since_log, tokens_since_log, time_of_log = [], 0, time.perf_counter()
     start_time, start_step = time.perf_counter(), state.global_step
 
-    while state.global_step < total_steps and not state.should_stop:
-        window, next_epoch, next_example, epoch_ended = next(windows)
+    for epoch in itertools.count(state.epoch):  # with max_steps, as many epochs as the steps need
+        if state.global_step >= total_steps or state.should_stop:
+            break
+        # Each epoch's order is seeded by (seed, epoch), so a resumed run needs only its position.
+        start = state.examples_in_epoch if epoch == state.epoch else 0
+        windows = accumulation_windows(train_data, epoch, start, config, rank_collate, global_micro_batch)
+        for window in windows:
 
-        # a. learning rate of this step (LoRA+ groups carry their own multiplier)
-        lr = learning_rate(state.global_step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+            # a. learning rate of this step, a pure function of the step: there is no scheduler
+            #    object to step or to save (LoRA+ groups carry their own multiplier)
+            lr = learning_rate(state.global_step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
 
-        # b. the loss normaliser: label tokens in the whole window, over all ranks, not per
-        #    micro-batch: k micro-batches of b examples then give the gradient of one batch of k*b.
-        tokens_in_window = distributed.all_reduce_sum(sum(label_tokens(b) for b in window), dist_, device)
-        # DDP and FSDP average gradients over ranks; multiplying by the world size turns that
-        # average back into the sum, so the step's gradient is that of the global token mean.
-        loss_scale = dist_.world_size / max(tokens_in_window, 1)
+            # b. the loss normaliser: label tokens in the whole window, over all ranks, not per
+            #    micro-batch: k micro-batches of b examples then give the gradient of one batch of k*b.
+            rank_tokens = sum(label_tokens(b) for b in window.micro_batches)
+            tokens_in_window = distributed.all_reduce_sum(rank_tokens, dist_, device)
+            # DDP and FSDP average gradients over ranks; multiplying by the world size turns that
+            # average back into the sum, so the step's gradient is that of the global token mean.
+            loss_scale = dist_.world_size / max(tokens_in_window, 1)
 
-        # c. forward + backward for each micro-batch; gradients add up across the window and
-        #    are reduced across ranks only after the last one
-        window_loss = torch.zeros((), device=device)
-        for i, batch in enumerate(window):
-            batch = _to_device(batch, device)
-            with distributed.no_gradient_sync(model, skip=i < len(window) - 1):
-                with autocast():
-                    summed = summed_token_loss(model, batch, config.label_smoothing)
-                scaler.scale(summed * loss_scale).backward()
-            window_loss += summed.detach().float() / max(tokens_in_window, 1)
-            tokens_since_log += input_tokens(batch)
+            # c. forward + backward for each micro-batch; gradients add up across the window and
+            #    are reduced across ranks only after the last one
+            window_loss = torch.zeros((), device=device)
+            last = len(window.micro_batches) - 1
+            for i, batch in enumerate(window.micro_batches):
+                batch = _to_device(batch, device)
+                with distributed.no_gradient_sync(model, skip=i < last):
+                    with autocast():
+                        summed = summed_token_loss(model, batch, config.label_smoothing)
+                    scaler.scale(summed * loss_scale).backward()
+                window_loss += summed.detach().float() / max(tokens_in_window, 1)
+                tokens_since_log += input_tokens(batch)
+            step_loss = distributed.all_reduce_sum(float(window_loss), dist_, device)
 
-        # d. unscale -> clip -> step -> zero. clip_grad_norm_ returns the norm *before* clipping.
-        step_loss = distributed.all_reduce_sum(float(window_loss), dist_, device)
-        scaler.unscale_(optimizer)
-        grad_norm = float(distributed.full_tensor(
-            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or float("inf"))))
-        # fp16's scaler skips overflowed steps by itself; otherwise a NaN/inf must not reach the weights.
-        nonfinite = not scaler.is_enabled() and not (math.isfinite(step_loss) and math.isfinite(grad_norm))
-        if nonfinite and config.nan_policy == "stop":
-            raise NonFiniteError(_nonfinite_report(state.global_step + 1, step_loss, model))
-        for cb in callbacks:
-            cb.on_before_optimizer_step(state, model)
-        scale_before = scaler.get_scale()
-        if not nonfinite:
-            scaler.step(optimizer)  # skipped when unscale_ found inf/NaN gradients (fp16 only)
-            scaler.update()
-        step_skipped = nonfinite or (scaler.is_enabled() and scaler.get_scale() < scale_before)
-        optimizer.zero_grad(set_to_none=True)
-        if nonfinite and dist_.is_main:
-            progress.write(f"peftloop: step {state.global_step + 1} skipped: loss {step_loss}, grad norm {grad_norm}")
-
-        # ---- 5. bookkeeping --------------------------------------------------------------
-        state.global_step += 1
-        state.epoch, state.examples_in_epoch = next_epoch, next_example
-        state.loss_sum += step_loss if not nonfinite else 0.0
-        state.tokens_seen += int(tokens_in_window)
-        state.skipped_steps += int(step_skipped)
-        state.nonfinite_steps += int(nonfinite)
-        losses_since_log.append(step_loss)
-        metrics = {"step": state.global_step, "loss": step_loss, "grad_norm": float(grad_norm), "lr": lr,
-                   "skipped": step_skipped}
-        for cb in callbacks:
-            cb.on_step_end(state, metrics)
-        progress.update(1)
-
-        if state.global_step % config.log_every == 0 or state.global_step == total_steps:
-            elapsed = time.perf_counter() - time_of_log
-            tokens_since_log = distributed.all_reduce_sum(tokens_since_log, dist_, device)
-            logs = {"step": state.global_step, "epoch": _epoch_progress(state, train_data),
-                    "loss": sum(losses_since_log) / len(losses_since_log), "grad_norm": float(grad_norm),
-                    "lr": lr, "tokens_per_s": tokens_since_log / max(elapsed, 1e-9)}
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{logs['tokens_per_s']:.0f}")
-            if not config.progress_bar and dist_.is_main:
-                print(" ".join(f"{k}={_fmt(v)}" for k, v in logs.items()), flush=True)
+            # d. the update: unscale -> clip -> step -> scaler update -> zero, every step, in this order.
+            #    Unscale first, or clipping would compare the fp16 loss scale times the norm.
+            scaler.unscale_(optimizer)
+            grad_norm = float(distributed.full_tensor(  # clip_grad_norm_ returns the norm *before* clipping
+                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or float("inf"))))
+            skip_update = apply_nan_policy(state.global_step + 1, step_loss, grad_norm, scaler, config, model)
             for cb in callbacks:
-                cb.on_log(state, logs)
-            losses_since_log, tokens_since_log, time_of_log = [], 0, time.perf_counter()
+                cb.on_before_optimizer_step(state, model)
+            scale_before = scaler.get_scale()
+            if not skip_update:
+                scaler.step(optimizer)  # skipped by the scaler when unscale_ found inf/NaN gradients (fp16)
+            scaler.update()  # fp16: halve the scale after an overflow, double it after 2000 clean steps
+            optimizer.zero_grad(set_to_none=True)  # frees the gradients instead of filling them with zeros
+            skipped = skip_update or scaler.get_scale() < scale_before
 
-        if eval_data is not None and config.eval_every and state.global_step % config.eval_every == 0:
-            last_eval = evaluate()
-            if dist_.is_main:
-                progress.write(f"step {state.global_step}: eval_loss {last_eval['eval_loss']:.4f}")
+            # e. bookkeeping and logging
+            state.global_step += 1
+            if window.last_in_epoch:  # the data position: where a checkpoint saved now resumes
+                state.epoch, state.examples_in_epoch = epoch + 1, 0
+            else:
+                state.epoch, state.examples_in_epoch = epoch, window.examples_done
+            state.loss_sum += 0.0 if skip_update else step_loss
+            state.tokens_seen += int(tokens_in_window)
+            state.skipped_steps += int(skipped)
+            state.nonfinite_steps += int(skip_update)
+            losses_since_log.append(step_loss)
+            if skip_update and dist_.is_main:
+                progress.write(f"peftloop: step {state.global_step} skipped: loss {step_loss}, "
+                               f"grad norm {grad_norm}")
+            metrics = {"step": state.global_step, "loss": step_loss, "grad_norm": grad_norm, "lr": lr,
+                       "skipped": skipped}
             for cb in callbacks:
-                cb.on_evaluate(state, last_eval)
+                cb.on_step_end(state, metrics)
+            progress.update(1)
 
-        if (config.save_every and state.global_step % config.save_every == 0) or \
-                (config.save_each_epoch and epoch_ended):
-            save()
-        # every rank stops together, whichever rank's callback asked
-        state.should_stop = distributed.any_rank(state.should_stop, dist_, device)
+            if state.global_step % config.log_every == 0 or state.global_step == total_steps:
+                elapsed = time.perf_counter() - time_of_log
+                tokens_since_log = distributed.all_reduce_sum(tokens_since_log, dist_, device)
+                logs = {"step": state.global_step, "epoch": _epoch_progress(state, train_data),
+                        "loss": sum(losses_since_log) / len(losses_since_log), "grad_norm": grad_norm,
+                        "lr": lr, "tokens_per_s": tokens_since_log / max(elapsed, 1e-9)}
+                progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}",
+                                     tok_s=f"{logs['tokens_per_s']:.0f}")
+                if not config.progress_bar and dist_.is_main:
+                    print(" ".join(f"{k}={_fmt(v)}" for k, v in logs.items()), flush=True)
+                for cb in callbacks:
+                    cb.on_log(state, logs)
+                losses_since_log, tokens_since_log, time_of_log = [], 0, time.perf_counter()
+
+            # f. evaluate
+            if eval_data is not None and config.eval_every and state.global_step % config.eval_every == 0:
+                last_eval = evaluate()
+                if dist_.is_main:
+                    progress.write(f"step {state.global_step}: eval_loss {last_eval['eval_loss']:.4f}")
+                for cb in callbacks:
+                    cb.on_evaluate(state, last_eval)
+
+            # g. save a checkpoint; a failed write leaves the previous one intact
+            if (config.save_every and state.global_step % config.save_every == 0) or \
+                    (config.save_each_epoch and window.last_in_epoch):
+                path = output_dir / f"checkpoint-{state.global_step}"
+                error = write_checkpoint(path, model, optimizer, scaler, state, config, lora_config, dist_)
+                if error is None:
+                    for cb in callbacks:
+                        cb.on_save(state, path)
+                elif config.on_save_error == "stop":
+                    raise files.CheckpointError(error)
+                elif dist_.is_main:
+                    progress.write(f"peftloop: {error}; training continues (on_save_error='continue')")
+
+            # h. stop? Every rank stops together, whichever rank's callback asked.
+            state.should_stop = distributed.any_rank(state.should_stop, dist_, device)
+            if state.global_step >= total_steps or state.should_stop:
+                break
 
     progress.close()
 
-    # ---- 6. the end: final evaluation and the adapter ------------------------------------------
+    # ---- 5. the end: final evaluation and the adapter ------------------------------------------
     runtime = time.perf_counter() - start_time
     if eval_data is not None and last_eval.get("step") != state.global_step:
         last_eval = evaluate()
@@ -364,32 +364,122 @@ def summed_token_loss(model: nn.Module, batch: dict[str, torch.Tensor], label_sm
                            ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing)
 
 
-def accumulation_windows(train_data, config: TrainConfig, state: TrainState, collate_fn, global_micro_batch: int):
-    """Yield (this rank's micro-batches of one step, epoch after it, examples of that epoch consumed
-    after it, epoch ended?) forever, starting at the state's data position. Each epoch has its own
-    seeded order, so resuming needs only (epoch, examples consumed)."""
-    epoch, consumed = state.epoch, state.examples_in_epoch
-    if consumed % global_micro_batch:
+def accumulation_windows(train_data, epoch: int, start: int, config: TrainConfig, collate_fn,
+                         global_micro_batch: int) -> Iterator[Window]:
+    """The windows of one epoch, from its ``start``-th example on (0, or a resumed run's position).
+
+    The epoch's order is a function of (seed, epoch), so skipping the micro-batches before
+    ``start`` lands exactly where the checkpoint stopped. The next window is read before this one
+    is yielded, so that the last window of the epoch knows it is the last."""
+    if start % global_micro_batch:
         raise ValueError(
-            f"resume: the checkpoint stopped after {consumed} examples of epoch {epoch}, which is not a whole "
+            f"resume: the checkpoint stopped after {start} examples of epoch {epoch}, which is not a whole "
             f"number of global micro-batches of {global_micro_batch} (micro_batch_size x world size); "
             f"pick sizes that divide it")
-    while True:
-        batches = micro_batches(train_data, global_micro_batch, epoch=epoch, seed=config.seed,
-                                shuffle=config.shuffle, collate_fn=collate_fn)
-        batches = itertools.islice(batches, consumed // global_micro_batch, None)
-        window = list(itertools.islice(batches, config.grad_accum))
-        if not window and consumed == 0:
-            raise ValueError("train: the training data is empty")
-        while window:
-            consumed += sum(b.pop("_examples") for b in window)
-            following = list(itertools.islice(batches, config.grad_accum))
-            if following:
-                yield window, epoch, consumed, False
-            else:
-                yield window, epoch + 1, 0, True
-            window = following
-        epoch, consumed = epoch + 1, 0
+    batches = micro_batches(train_data, global_micro_batch, epoch=epoch, seed=config.seed,
+                            shuffle=config.shuffle, collate_fn=collate_fn)
+    batches = itertools.islice(batches, start // global_micro_batch, None)
+    window = list(itertools.islice(batches, config.grad_accum))
+    if not window and start == 0:
+        raise ValueError("train: the training data is empty")
+    consumed = start
+    while window:
+        consumed += sum(b.pop("_examples") for b in window)
+        following = list(itertools.islice(batches, config.grad_accum))
+        yield Window(window, examples_done=consumed, last_in_epoch=not following)
+        window = following
+
+
+def apply_nan_policy(step: int, loss: float, grad_norm: float, scaler: torch.amp.GradScaler,
+                     config: TrainConfig, model: nn.Module) -> bool:
+    """The NaN policy, decided in one place: True when this step's update must be skipped.
+
+    fp16 needs none: its scaler skips a step whose gradients overflowed, and lowers the scale.
+    In fp32/bf16 a NaN/inf loss or gradient norm must not reach the weights: ``nan_policy="skip"``
+    skips the update (counted and logged), ``"stop"`` raises NonFiniteError naming the step and
+    the first bad parameter."""
+    if scaler.is_enabled() or (math.isfinite(loss) and math.isfinite(grad_norm)):
+        return False
+    if config.nan_policy == "stop":
+        raise NonFiniteError(_nonfinite_report(step, loss, model))
+    return True
+
+
+def require_adapters(model: nn.Module) -> LoraConfig:
+    """The model's LoraConfig, or a ValueError that says what to do when there is nothing to train."""
+    lora_config = getattr(model, "lora_config", None)
+    if lora_config is None:
+        raise ValueError(
+            f"train: the model ({type(model).__name__}) has no LoRA adapters to train: call "
+            "inject_lora(model, LoraConfig(...)) first, or load_adapter(model, folder, is_trainable=True) "
+            "to continue training a saved adapter")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            f"train: the adapters of the model ({type(model).__name__}) are frozen (no parameter requires a "
+            "gradient): load the adapter with load_adapter(model, folder, is_trainable=True)")
+    return lora_config
+
+
+def read_checkpoint_to_resume(config: TrainConfig, model: nn.Module) -> dict[str, Any] | None:
+    """Rank 0's part of resuming: tidy up after a crash, find the checkpoint (the path given, or the
+    newest complete one), read it and load its adapter into the (unwrapped) model. None: no resume."""
+    files.recover_interrupted_writes(config.output_dir)
+    path = _resume_path(config)
+    if path is None:
+        return None
+    saved = checkpoint.load_checkpoint(path)
+    load_adapter_state_dict(model, saved["adapter"], source=str(path))
+    return {**saved, "path": path}
+
+
+def restore_training_state(saved: dict[str, Any] | None, model: nn.Module, optimizer: torch.optim.Optimizer,
+                           scaler: torch.amp.GradScaler, dist_: distributed.Dist, path: Path) -> TrainState:
+    """Everything but the adapter (already loaded) from a checkpoint that rank 0 read (``saved`` is
+    None on the other ranks): the optimizer, the scaler, each rank's RNGs and the loop state."""
+    try:
+        distributed.load_full_optimizer_state(model, optimizer, saved and saved["optimizer_state"], dist_)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise files.CheckpointError(
+            f"{path}/optimizer.safetensors does not fit this model's trainable parameters ({e})") from None
+    trainer_state = distributed.broadcast_object(saved and saved["trainer_state"], dist_)
+    if trainer_state["scaler"]:
+        scaler.load_state_dict(trainer_state["scaler"])
+    rng_states = saved and saved["rng_states"]
+    if dist_.enabled and dist_.is_main:  # one per current rank; ranks the checkpoint did not have reseed
+        rng_states = [rng_states[r] if r < len(rng_states) else None for r in range(dist_.world_size)]
+    mine = distributed.scatter_objects(rng_states, dist_) if dist_.enabled else rng_states[0]
+    if mine is not None:
+        checkpoint.set_rng_state(*mine)
+    return TrainState(**{name: trainer_state[name] for name in SAVED_FIELDS}, is_main_process=dist_.is_main)
+
+
+def write_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler, state: TrainState, config: TrainConfig,
+                     lora_config: LoraConfig, dist_: distributed.Dist) -> str | None:
+    """Write ``path`` (checkpoint-N): the adapter, the optimizer, the scaler, every rank's RNGs and the
+    loop state. Gathering is collective (FSDP2 shards, per-rank RNG); writing is rank 0's alone.
+
+    Returns None, or (on every rank, so that all take the same branch) why it could not be written:
+    the previous checkpoint is then intact. A NaN never reaches a checkpoint: NonFiniteError."""
+    adapter = _gather_adapter(model)
+    bad = next((k for k, v in adapter.items() if not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise NonFiniteError(f"step {state.global_step}: not saving {path.name}: {bad} has NaN/inf values")
+    optimizer_state = distributed.full_optimizer_state(model, optimizer)
+    rng_states = distributed.gather_objects(checkpoint.rng_state(), dist_)
+    error = None
+    if dist_.is_main:
+        trainer_state = {**_saved_state(state, config), "scaler": scaler.state_dict(),
+                         "world_size": dist_.world_size, "micro_batch_size": config.micro_batch_size}
+        try:
+            checkpoint.save_checkpoint(path, adapter=adapter, lora_config=lora_config,
+                                       optimizer_state=optimizer_state, rng_states=rng_states,
+                                       trainer_state=trainer_state)
+            checkpoint.rotate_checkpoints(path.parent, config.save_total_limit)
+        except OSError as e:  # disk full, quota, permissions
+            previous = checkpoint.latest_checkpoint(path.parent)
+            error = f"could not write {path}: {e}; the newest complete checkpoint is {previous or 'none'}"
+    return distributed.broadcast_object(error, dist_)
 
 
 def _rank_slice(collate_fn, rank: int, per_rank: int):
@@ -438,8 +528,7 @@ def _resume_path(config: TrainConfig) -> Path | None:
 
 
 def _saved_state(state: TrainState, config: TrainConfig) -> dict[str, Any]:
-    saved = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.metadata.get("saved", True)}
-    return {**saved, "config": dataclasses.asdict(config)}
+    return {**{name: getattr(state, name) for name in SAVED_FIELDS}, "config": dataclasses.asdict(config)}
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -462,32 +551,9 @@ def _nonfinite_report(step: int, loss: float, model: nn.Module) -> str:
 
 def _gather_adapter(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter as whole CPU tensors under PEFT's keys (a collective under FSDP2)."""
-    inner = distributed.unwrap(model)
-    return {k: distributed.full_tensor(v).detach().to("cpu").contiguous() for k, v in adapter_state_dict(inner).items()}
-
-
-def _restore(state: TrainState, saved, model, optimizer, scaler, dist_, path: Path) -> TrainState:
-    """Everything but the adapter (already loaded) from a checkpoint read on rank 0."""
-    try:
-        set_optimizer_state_dict(
-            model, optimizer, saved["optimizer_state"] if dist_.is_main else {},
-            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist_.enabled))
-    except (KeyError, ValueError, RuntimeError) as e:
-        raise checkpoint.CheckpointError(
-            f"{path}/optimizer.safetensors does not fit this model's trainable parameters ({e})") from None
-    trainer_state = distributed.broadcast_object(saved["trainer_state"] if dist_.is_main else None, dist_)
-    if trainer_state["scaler"]:
-        scaler.load_state_dict(trainer_state["scaler"])
-    rng_states = saved["rng_states"] if dist_.is_main else None
-    if dist_.enabled and dist_.is_main:  # one per current rank; ranks the checkpoint did not have reseed
-        rng_states = [rng_states[r] if r < len(rng_states) else None for r in range(dist_.world_size)]
-    mine = distributed.scatter_objects(rng_states, dist_) if dist_.enabled else rng_states[0]
-    if mine is not None:
-        checkpoint.set_rng_state(*mine)
-    fields = {f.name: trainer_state[f.name] for f in dataclasses.fields(TrainState) if f.metadata.get("saved", True)}
-    return TrainState(**fields, is_main_process=state.is_main_process)
+    tensors = adapter_state_dict(distributed.unwrap(model))
+    return {k: distributed.full_tensor(v).detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
