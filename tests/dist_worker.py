@@ -1,5 +1,5 @@
-"""One training process of the distributed tests: run as `torchrun --nproc-per-node N tests/dist_worker.py ...`
-(or directly, for the single-process reference run)."""
+"""One training process of the distributed tests: run as
+`torchrun --nproc-per-node N tests/dist_worker.py ...` (or directly, for the single-process reference run)."""
 
 import argparse
 import os
@@ -58,13 +58,15 @@ def main():
     data = toy_examples(22, seed=5)  # 22: the last global micro-batch of each epoch is ragged
     callbacks = [StopAt(args.stop_at)] if args.stop_at else []
     callbacks += [DieAt(args.die_at)] if args.die_at else []
-    config = TrainConfig(output_dir=args.output_dir, strategy=args.strategy, micro_batch_size=args.micro_batch_size,
-                         grad_accum=args.grad_accum, max_steps=args.max_steps, save_every=args.save_every,
+    config = TrainConfig(output_dir=args.output_dir, strategy=args.strategy,
+                         micro_batch_size=args.micro_batch_size, grad_accum=args.grad_accum,
+                         max_steps=args.max_steps, save_every=args.save_every,
                          learning_rate=1e-2, warmup_steps=1, lr_scheduler="cosine", weight_decay=0.01,
                          resume_from_checkpoint=True if args.resume else None, progress_bar=False)
     result = train(model, data, data[:6], config, callbacks=callbacks)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"RESULT step={result.global_step} loss={result.train_loss:.6f} eval={result.metrics['eval_loss']:.6f}")
+        print(f"RESULT step={result.global_step} loss={result.train_loss:.6f} "
+              f"eval={result.metrics['eval_loss']:.6f}")
 
 
 if __name__ == "__main__":

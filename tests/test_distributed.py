@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftloop.checkpoint import list_checkpoints, read_safetensors, verify_manifest
+from peftloop.checkpoint import list_checkpoints, load_adapter, read_safetensors, verify_manifest
+from peftloop.models import load_pretrained
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 pytestmark = pytest.mark.slow
@@ -112,14 +113,12 @@ def test_a_dead_rank_stops_the_job_and_leaves_the_last_checkpoint(tmp_path):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_the_cli_under_torchrun(tmp_path, strategy):
     """`torchrun -m peftloop train` (the demo) trains under both strategies and leaves a loadable adapter."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-           "--max-restarts=0", "-m", "peftloop", "train", "--output-dir", str(tmp_path), "--max_steps", "6",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+           f"--master-port={free_port()}", "--max-restarts=0", "-m", "peftloop", "train",
+           "--output-dir", str(tmp_path), "--max_steps", "6",
            "--micro_batch_size", "8", "--eval_every", "0", "--progress_bar", "false", "--strategy", strategy]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
                             env={**os.environ, "PEFTLOOP_DIST_TIMEOUT": "60"})
     check(result)
     assert result.stdout.count("[demo] base model") == 1  # rank 0 alone prints and writes
-    from peftloop.checkpoint import load_adapter
-    from peftloop.models import load_pretrained
-
     load_adapter(load_pretrained(tmp_path / "base"), tmp_path / "adapter")

@@ -6,11 +6,13 @@ import math
 import pytest
 import torch
 
+from peftloop.adapter_format import adapter_state_dict
 from peftloop.callbacks import Callback
-from peftloop.checkpoint import list_checkpoints, read_safetensors
+from peftloop.checkpoint import CheckpointError, list_checkpoints, read_safetensors
 from peftloop.config import LoraConfig, TrainConfig
 from peftloop.data import collate
-from peftloop.inject import adapter_state_dict, inject_lora
+from peftloop.demo import run_demo
+from peftloop.inject import inject_lora
 from peftloop.schedule import lr_at
 from peftloop.train import summed_token_loss, train
 from tests.helpers import tiny_model, toy_examples
@@ -36,7 +38,8 @@ class GradCapture(Callback):
         self.grads = []
 
     def on_before_optimizer_step(self, state, model):
-        self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+        self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()
+                           if p.grad is not None})
 
 
 class ParamCapture(Callback):
@@ -123,7 +126,8 @@ def test_fp16_scaler_skips_an_inf_step_and_leaves_parameters_unharmed(tmp_path):
     for k in params.params[0]:  # step 2 changed nothing ...
         assert torch.equal(params.params[1][k], params.params[0][k]), k
         assert torch.isfinite(params.params[3][k]).all()
-    assert any(not torch.equal(params.params[2][k], params.params[1][k]) for k in params.params[0])  # ... step 3 did
+    # ... step 3 did
+    assert any(not torch.equal(params.params[2][k], params.params[1][k]) for k in params.params[0])
     assert math.isfinite(log[3]["loss"])
 
 
@@ -133,8 +137,8 @@ def test_bf16_training_is_the_same_on_both_cpu_matmul_paths(tmp_path, force_cpu_
     losses = {}
     for mode in ("native", "fp32"):
         force_cpu_low_precision(mode)
-        run(lora_model(), toy_examples(16), tmp_path / mode, precision="bf16", micro_batch_size=4, max_steps=3,
-            learning_rate=1e-2, shuffle=False)
+        run(lora_model(), toy_examples(16), tmp_path / mode, precision="bf16", micro_batch_size=4,
+            max_steps=3, learning_rate=1e-2, shuffle=False)
         losses[mode] = [r["loss"] for r in read_log(tmp_path / mode) if "loss" in r]
     assert len(losses["native"]) == 3 and all(math.isfinite(x) for x in losses["native"])
     assert losses["fp32"] == pytest.approx(losses["native"], rel=1e-2)
@@ -144,8 +148,6 @@ def test_bf16_training_is_the_same_on_both_cpu_matmul_paths(tmp_path, force_cpu_
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_demo_task_learns(tmp_path, precision):
     # Short on purpose: bf16 matmuls are slow on CPUs without native bf16 (AVX2-only hosts).
-    from peftloop.demo import run_demo
-
     summary = run_demo(tmp_path, train_overrides={"max_steps": 80, "micro_batch_size": 16, "warmup_steps": 5,
                                                    "precision": precision, "progress_bar": False,
                                                    "eval_every": 0, "log_every": 10})
@@ -173,7 +175,8 @@ def test_schedules_match_transformers(kind):
 
 
 def test_cosine_floor():
-    assert lr_at(100, peak_lr=1.0, total_steps=100, warmup_steps=0, kind="cosine", min_lr_ratio=0.1) == pytest.approx(0.1)
+    floor = lr_at(100, peak_lr=1.0, total_steps=100, warmup_steps=0, kind="cosine", min_lr_ratio=0.1)
+    assert floor == pytest.approx(0.1)
 
 
 def test_loop_sets_the_scheduled_lr(tmp_path):
@@ -204,18 +207,55 @@ def test_label_smoothing_follows_torch_definition(tmp_path):
     with torch.no_grad():
         batch = collate(data)
         logits = fresh(batch["input_ids"])[:, :-1].flatten(0, 1)
-        expected = torch.nn.functional.cross_entropy(logits, batch["labels"][:, 1:].flatten(), label_smoothing=0.3)
-        plain = torch.nn.functional.cross_entropy(logits, batch["labels"][:, 1:].flatten())
+        targets = batch["labels"][:, 1:].flatten()
+        expected = torch.nn.functional.cross_entropy(logits, targets, label_smoothing=0.3)
+        plain = torch.nn.functional.cross_entropy(logits, targets)
     assert smooth.train_loss == pytest.approx(float(expected), rel=1e-5)
     assert abs(float(expected) - float(plain)) > 1e-3
 
 
-def test_early_stopping(tmp_path):
+class ScriptedEvalLoss(Callback):
+    """Replaces the eval_loss of each evaluation by the next value of a script, so the step where
+    early stopping must stop is known. It runs before EarlyStopping (train() appends that last)."""
+
+    def __init__(self, values):
+        self.values, self.evaluated_at = list(values), []
+
+    def on_evaluate(self, state, metrics):
+        metrics["eval_loss"] = self.values[len(self.evaluated_at)]
+        self.evaluated_at.append(state.global_step)
+
+
+@pytest.mark.parametrize(("patience", "stop_step"), [(1, 6), (2, 12), (3, 14)])
+def test_early_stopping_stops_after_exactly_patience_evaluations_without_improvement(tmp_path, patience,
+                                                                                      stop_step):
+    # Evaluations at steps 2, 4, 6, ...: 3.0 and 2.5 improve; 2.6 does not (1 in a row); 2.4 improves
+    # (the count restarts); 2.7, 2.4 (equal is no improvement), 2.5 do not (1, 2, 3 in a row).
+    script = ScriptedEvalLoss([3.0, 2.5, 2.6, 2.4, 2.7, 2.4, 2.5, 1.0, 1.0, 1.0])
     data = toy_examples(16)
-    # a huge learning rate makes eval loss worse at every evaluation: stop after `patience` of them
-    result = run(lora_model(), data, tmp_path, eval_data=data[:4], micro_batch_size=4, max_steps=40,
-                 eval_every=2, early_stopping_patience=2, learning_rate=5.0, max_grad_norm=0)
-    assert result.global_step < 40
+    result = run(lora_model(), data, tmp_path, eval_data=data[:4], callbacks=[script], micro_batch_size=4,
+                 max_steps=40, eval_every=2, early_stopping_patience=patience)
+    assert result.global_step == stop_step
+    assert script.evaluated_at == list(range(2, stop_step + 1, 2))  # and no final evaluation after the stop
+    assert len([r for r in read_log(tmp_path) if "eval_loss" in r]) == stop_step // 2
+
+
+def test_max_steps_cycles_through_epochs_and_logs_the_data_position(tmp_path):
+    # 8 examples, 2 per micro-batch, 2 micro-batches per step: 2 steps per epoch, 5 steps = 2.5 epochs
+    run(lora_model(), toy_examples(8), tmp_path, micro_batch_size=2, grad_accum=2, max_steps=5)
+    assert [r["epoch"] for r in read_log(tmp_path)] == [0.5, 1.0, 1.5, 2.0, 2.5]
+
+
+def test_a_model_without_adapters_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"no LoRA adapters to train: call inject_lora.*load_adapter"):
+        run(tiny_model(), toy_examples(4), out, max_steps=1)
+    frozen = lora_model()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"adapters .* are frozen.*is_trainable=True"):
+        run(frozen, toy_examples(4), out, max_steps=1)
+    assert not out.exists()
 
 
 def test_saving_every_n_steps_with_a_total_limit(tmp_path):
@@ -256,7 +296,7 @@ def test_resume_is_bit_exact(tmp_path, precision):
     interrupted = lora_model(dropout=0.2)
     run(interrupted, data, tmp_path / "resumed", callbacks=[StopAt(5)], **cfg)
     assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["checkpoint-5"]
-    resumed = lora_model(adapter_seed=123, dropout=0.2)  # another adapter init: all must come from the checkpoint
+    resumed = lora_model(adapter_seed=123, dropout=0.2)  # another init: all must come from the checkpoint
     result = run(resumed, data, tmp_path / "resumed", resume_from_checkpoint=True, **cfg)
     assert result.global_step == 10
 
@@ -275,8 +315,6 @@ def test_resume_from_an_explicit_path_and_missing_checkpoint(tmp_path):
     result = run(lora_model(), data, tmp_path, micro_batch_size=2, max_steps=6,
                  resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert result.global_step == 6
-    from peftloop.checkpoint import CheckpointError
-
     with pytest.raises(CheckpointError, match="checkpoint-99"):
         run(lora_model(), data, tmp_path, micro_batch_size=2, max_steps=6,
             resume_from_checkpoint=str(tmp_path / "checkpoint-99"))
