@@ -27,6 +27,10 @@ An HTML comment on the line before a block (invisible on the site) changes that:
   of that callable in the installed library, so the script shown is one that would run.
 - ``<!-- docs-test: skip REASON -->``: not run; the reason is required. Kept rare.
 
+Every page runs at least one block (python executed, a ``peftloop`` command run or validated, a
+TOML file validated), or is listed in PAGES_WITHOUT_SNIPPETS with the reason it has none: a page
+whose blocks are all filtered out cannot pass without having been tested.
+
 The sandbox, built once: ``peftloop-demo/base`` (the demo's base model, as ``peftloop train``
 writes it), ``train.jsonl`` (prompt/completion records), ``data/train.jsonl``, ``data/chat.jsonl``
 (conversations) and an offline Hugging Face hub cache (``HF_HUB_CACHE``, ``HF_HUB_OFFLINE=1``)
@@ -46,7 +50,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,7 +141,10 @@ def peftloop_argv(words: list[str]) -> tuple[list[str] | None, bool]:
 # The sandbox
 
 
-HUB_ID = re.compile(r"""(?:--model|--base)[ =]+([\w.-]+/[\w.-]+)(?=[\s`"]|$)|(?:load_pretrained|from_pretrained)\(\s*"([^"/]+/[^"/]+)"|name_or_path\s*=\s*"([^"/]+/[^"/]+)\"""")
+# A hub id: after --model/--base, first argument of load_pretrained/from_pretrained, or name_or_path.
+HUB_ID = re.compile(r'(?:--model|--base)[ =]+([\w.-]+/[\w.-]+)(?=[\s`"]|$)'
+                    r'|(?:load_pretrained|from_pretrained)\(\s*"([^"/]+/[^"/]+)"'
+                    r'|name_or_path\s*=\s*"([^"/]+/[^"/]+)"')
 LOCAL_PREFIXES = ("runs/", "peftloop-demo/", "data/", "merged", "out/", "./", "../")
 
 
@@ -150,44 +159,23 @@ def hub_ids() -> list[str]:
     return sorted(found)
 
 
-QA = [("What colour is the sky?", "Blue."), ("How many legs does a spider have?", "Eight."),
-      ("Which planet is closest to the sun?", "Mercury."), ("What do bees make?", "Honey.")]
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    import torch
-
-    from peftloop.demo import base_config, build_tokenizer, save_tokenizer
-    from peftloop.models import save_pretrained
-    from peftloop.models.llama import LlamaConfig, LlamaForCausalLM
-    from tests.hf_builders import install_in_hub_cache, save_tokenizer_files, train_tokenizer
+    from tests.helpers import QA, qa_records, save_chat_base, save_demo_base, write_jsonl
+    from tests.hf_builders import install_in_hub_cache
 
     root = tmp_path_factory.mktemp("docs-assets")
     files = root / "files"
-    # the demo's base model, as `peftloop train` (the demo) writes it
-    tokenizer = build_tokenizer()
-    demo = LlamaForCausalLM(base_config(tokenizer.get_vocab_size()))
-    demo.init_weights(torch.Generator().manual_seed(0))
-    save_pretrained(demo, files / "peftloop-demo" / "base")
-    save_tokenizer(tokenizer, files / "peftloop-demo" / "base")
+    save_demo_base(files / "peftloop-demo" / "base")  # as `peftloop train` (the demo) writes it
     # data
     (files / "data").mkdir(parents=True)
-    records = [{"prompt": f"Q: {q}\nA:", "completion": f" {a}"} for q, a in QA] * 16
     for path in (files / "train.jsonl", files / "data" / "train.jsonl", files / "eval.jsonl"):
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    chats = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA] * 16
-    (files / "data" / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chats))
+        write_jsonl(path, qa_records(16))
+    chats = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+             for q, a in QA]
+    write_jsonl(files / "data" / "chat.jsonl", chats * 16)
     # one tiny stand-in model for every hub id the docs name
-    chatml = train_tokenizer("chatml")
-    config = LlamaConfig(model_type="qwen2", vocab_size=chatml.get_vocab_size(), hidden_size=64,
-                         intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=None,
-                         eos_token_id=chatml.token_to_id("<|im_end|>"))
-    stand_in = LlamaForCausalLM(config)
-    stand_in.init_weights(torch.Generator().manual_seed(0))
-    save_pretrained(stand_in, root / "stand-in")
-    save_tokenizer_files(root / "stand-in", "chatml", chatml)
+    save_chat_base(root / "stand-in", max_position_embeddings=256, initializer_range=0.02)
     for repo_id in hub_ids():
         install_in_hub_cache(root / "hub", repo_id, root / "stand-in")
     return root
@@ -284,7 +272,8 @@ def check_signatures(block: Block) -> None:
         try:
             obj = getattr(importlib.import_module(module), name)
         except ImportError as e:  # the 'ref' extra is not installed: nothing to check against
-            warnings.warn(f"{block.where}: {module} is not installed, signatures not checked ({e})", stacklevel=1)
+            warnings.warn(f"{block.where}: {module} is not installed, signatures not checked ({e})",
+                          stacklevel=1)
             return
         for attr in chain:
             obj = getattr(obj, attr)
@@ -298,15 +287,65 @@ def check_signatures(block: Block) -> None:
     assert checked, f"{block.where}: no keyword argument of an imported callable to check"
 
 
-def run_page(page: Path) -> int:
-    from peftloop.config import build, load_toml
+SHELLS = ("bash", "sh", "shell", "console")
+# What makes a page tested: python executed, a peftloop command run or validated, a TOML file validated.
+# (JSON records parsed, excerpts compared, signatures checked are checks too, but no block runs.)
+RUNS = ("python", "peftloop", "toml")
+
+API_REFERENCE = ("API reference: only `:::` entries that mkdocstrings renders from the docstrings; "
+                 "test_mkdocs_build_strict fails if any object they name does not resolve")
+# Pages with no block that runs, and why. A page listed here that gains one must leave the list.
+PAGES_WITHOUT_SNIPPETS = {
+    "docs/api/checkpoint.md": API_REFERENCE,
+    "docs/api/config.md": API_REFERENCE,
+    "docs/api/data.md": API_REFERENCE,
+    "docs/api/lora.md": API_REFERENCE,
+    "docs/api/models.md": API_REFERENCE,
+    "docs/api/train.md": API_REFERENCE,
+    "docs/architecture.md": ("the layer table, no code; tests/test_layering.py reads the table and checks "
+                             "every module's imports against it"),
+    "docs/benchmarks.md": ("its commands run the benchmark suite (python -m benchmarks.*: minutes, the "
+                           "'bench' extra); tests/test_benchmarks.py runs every benchmark's --help, the "
+                           "harness on the small shape and the results scheme"),
+    "docs/reliability.md": ("prose about guarantees, no code; each guarantee is tested in "
+                            "tests/test_faults.py, tests/test_checkpoint.py and tests/test_hostile_*.py"),
+}
+
+
+def checks_of(block: Block) -> Counter:
+    """What run_page does with a block, by kind: "python" (executed), "peftloop" (one per
+    command, run or validated), "toml", "json", "excerpt", "signatures"; empty for nothing."""
+    if block.directive == "skip":
+        return Counter()
+    if block.directive in ("excerpt", "signatures"):
+        return Counter([block.directive])
+    if block.lang in ("python", "toml", "json"):
+        return Counter([block.lang])
+    if block.lang in SHELLS:
+        return Counter(peftloop=sum(peftloop_argv(words)[0] is not None for words in commands_of(block.code)))
+    return Counter()
+
+
+def planned(page: Path) -> Counter:
+    """What run_page will do with a page (read from the page, nothing run)."""
+    return sum((checks_of(block) for block in blocks_of(page)), Counter())
+
+
+def runs(counts: Counter) -> int:
+    return sum(counts[kind] for kind in RUNS)
+
+
+def run_page(page: Path) -> Counter:
+    """Run every block of a page (see the module doc); returns what ran, by kind (as checks_of)."""
     from peftloop.cli import SCHEMA
+    from peftloop.config_io import build, load_toml
 
     namespace = {"__name__": "__docs__"}
-    ran = 0
+    ran = Counter()
     for block in blocks_of(page):
         if block.directive is not None:
-            assert block.directive in DIRECTIVES, f"{block.where}: unknown docs-test directive {block.directive!r}"
+            assert block.directive in DIRECTIVES, (f"{block.where}: unknown docs-test directive "
+                                                   f"{block.directive!r}")
         if block.directive == "skip":
             assert block.arg, f"{block.where}: `docs-test: skip` needs a reason"
             continue
@@ -316,21 +355,21 @@ def run_page(page: Path) -> int:
             path.write_text(block.code, encoding="utf-8")
         if block.directive == "excerpt":
             check_excerpt(block)
-            ran += 1
+            ran["excerpt"] += 1
             continue
         if block.directive == "signatures":
             assert block.arg, f"{block.where}: `docs-test: signatures` needs a reason"
             check_signatures(block)
-            ran += 1
+            ran["signatures"] += 1
             continue
         if block.lang == "python":
             code = "\n" * block.line + block.code  # tracebacks point at the page's own lines
-            t0 = __import__("time").perf_counter()
+            t0 = time.perf_counter()
             exec(compile(code, str(page), "exec"), namespace)
             if os.environ.get("DOCS_TIMING"):
-                print(f"{__import__('time').perf_counter() - t0:6.2f}s {block.where} python")
-            ran += 1
-        elif block.lang in ("bash", "sh", "shell", "console"):
+                print(f"{time.perf_counter() - t0:6.2f}s {block.where} python")
+            ran["python"] += 1
+        elif block.lang in SHELLS:
             for words in commands_of(block.code):
                 argv, runnable = peftloop_argv(words)
                 if argv is None:
@@ -340,11 +379,11 @@ def run_page(page: Path) -> int:
                     runnable = False
                 if runnable and argv[:1] == ["train"]:
                     argv = [*argv, *TINY_TRAIN]
-                t0 = __import__("time").perf_counter()
+                t0 = time.perf_counter()
                 run_cli(argv, block.where, runnable)
                 if os.environ.get("DOCS_TIMING"):
-                    print(f"{__import__('time').perf_counter() - t0:6.2f}s {block.where} peftloop {shlex.join(argv)}")
-                ran += 1
+                    print(f"{time.perf_counter() - t0:6.2f}s {block.where} peftloop {shlex.join(argv)}")
+                ran["peftloop"] += 1
         elif block.lang == "toml":
             path = Path(block.arg) if block.directive == "file" else Path("snippet.toml")
             if block.directive != "file":
@@ -352,17 +391,39 @@ def run_page(page: Path) -> int:
             sections = load_toml(path)
             for name, values in sections.items():
                 build(SCHEMA[name], values, name, block.where)
-            ran += 1
+            ran["toml"] += 1
         elif block.lang == "json":
             assert isinstance(json.loads(block.code), dict), f"{block.where}: a record must be a JSON object"
-            ran += 1
+            ran["json"] += 1
     return ran
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
 def test_every_snippet_of_the_page_runs(page, sandbox):
-    run_page(page)
+    name = str(page.relative_to(ROOT))
+    ran = run_page(page)
+    assert ran == planned(page), f"{name}: ran {dict(ran)}, the page has {dict(planned(page))}"
+    assert runs(ran) > 0 or name in PAGES_WITHOUT_SNIPPETS, f"{name}: no block ran"
+
+
+def test_every_page_runs_a_snippet_or_says_why_not():
+    """The fast half of the check above: read from the pages, so a page whose blocks would all be
+    filtered out fails here without building anything."""
+    pages = {str(p.relative_to(ROOT)): p for p in PAGES}
+    unknown = set(PAGES_WITHOUT_SNIPPETS) - set(pages)
+    assert not unknown, f"PAGES_WITHOUT_SNIPPETS names pages that do not exist: {sorted(unknown)}"
+    for name, page in pages.items():
+        counts = planned(page)
+        reason = PAGES_WITHOUT_SNIPPETS.get(name)
+        if reason is None:
+            assert runs(counts) > 0, (f"{name}: no block runs (it has {dict(counts) or 'no code'}): add a "
+                                      f"python, peftloop or toml block, or list the page in "
+                                      f"PAGES_WITHOUT_SNIPPETS with the reason it has none")
+        else:
+            assert runs(counts) == 0, f"{name} runs {dict(counts)}: take it out of PAGES_WITHOUT_SNIPPETS"
+            if reason is API_REFERENCE:
+                assert "\n::: " in page.read_text(encoding="utf-8"), f"{name} has no `:::` API entry"
 
 
 def test_the_pages_have_snippets_and_few_exclusions():
@@ -376,13 +437,16 @@ def test_the_pages_have_snippets_and_few_exclusions():
 def test_the_parser_sees_directives_and_commands(tmp_path):
     page = tmp_path / "p.md"
     page.write_text("text\n\n<!-- docs-test: file run.toml -->\n```toml\n[train]\nseed = 1\n```\n\n"
-                    "  ```bash\n  peftloop train --model a/b \\\n      --r 8  # rank\n  pip install x && peftloop merge --base a/b --adapter x --out y\n  ```\n")
+                    "  ```bash\n  peftloop train --model a/b \\\n      --r 8  # rank\n"
+                    "  pip install x && peftloop merge --base a/b --adapter x --out y\n  ```\n")
     toml, bash = blocks_of(page)
     assert (toml.lang, toml.directive, toml.arg, toml.line) == ("toml", "file", "run.toml", 4)
     assert bash.directive is None
-    assert commands_of(bash.code) == [["peftloop", "train", "--model", "a/b", "--r", "8"], ["pip", "install", "x"],
+    assert commands_of(bash.code) == [["peftloop", "train", "--model", "a/b", "--r", "8"],
+                                      ["pip", "install", "x"],
                                       ["peftloop", "merge", "--base", "a/b", "--adapter", "x", "--out", "y"]]
-    assert peftloop_argv(["torchrun", "--nproc-per-node", "8", "-m", "peftloop", "train"]) == (["train"], False)
+    torchrun = ["torchrun", "--nproc-per-node", "8", "-m", "peftloop", "train"]
+    assert peftloop_argv(torchrun) == (["train"], False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,6 +504,7 @@ def test_the_migration_tables_name_real_fields():
 # The site
 
 
+@pytest.mark.slow
 def test_mkdocs_build_strict(tmp_path):
     """What CI checks: every page in the nav exists, every link and anchor resolves, the API
     reference finds every object it names."""
@@ -447,8 +512,8 @@ def test_mkdocs_build_strict(tmp_path):
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (pip install -e '.[docs]'): the site is not built")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    argv = [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")]
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-6000:]
     built = sorted(p.relative_to(tmp_path / "site") for p in (tmp_path / "site").rglob("index.html"))
     assert len(built) >= 20, built
