@@ -30,10 +30,12 @@ Variants, each a switch of the same layer:
 - **PiSSA** (Meng et al. 2024) and **OLoRA** (Büyükakyüz 2024): A and B start from the top-r
   SVD / a QR of W, and W becomes the residual ``W − s·B₀·A₀``. The initial B₀, A₀ are kept
   (``initial_lora_A/B``, not saved) so the adapter can be written as a plain LoRA of rank 2r on
-  the *original* W: ``[A; A₀]`` and ``[B, −B₀]`` (PEFT's ``path_initial_model_for_weight_conversion``).
+  the *original* W: ``[A; A₀]`` and ``[B, −B₀]`` (``peftloop.adapter_format``; PEFT's
+  ``path_initial_model_for_weight_conversion``).
 
-The trainable A, B (and m) are fp32 whatever the base dtype: under autocast they are cast to
-the compute dtype inside the forward pass, and their gradients and optimizer state stay fp32.
+The trainable A, B (and m) are fp32 whatever the base dtype: the kernel ops cast them to the
+compute dtype (autocast's, else the input's) inside the forward pass, and their gradients and
+optimizer state stay fp32.
 """
 
 from __future__ import annotations
@@ -182,31 +184,24 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or (self.disabled and self.initial_lora_A is None):
             return self.base_layer(x)
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-        else:
-            dtype = x.dtype
         if self.disabled:  # a residual base (PiSSA/OLoRA): the base model's layer is W_res + s·B₀·A₀
             A, B, p, dora = self.initial_lora_A, self.initial_lora_B, 0.0, False
         else:
             A, B = self.lora_A.weight, self.lora_B.weight
             p, dora = (self.lora_dropout if self.training else 0.0), self.use_dora
         bias = self.base_layer.bias
-        bias = None if bias is None else bias.to(dtype)
-        # One compute dtype for the fused op; the casts of A and B are differentiable, so their
-        # gradients arrive in fp32. A frozen base stored in `dtype` is not copied at all.
-        with torch.autocast(device_type, enabled=False):
-            A, B, x = A.to(dtype), B.to(dtype), x.to(dtype)
-            inner_bias = None if dora else bias  # DoRA rescales x·Wᵀ + the LoRA term, then adds b
-            if self.quantized:
-                y = nf4_lora_linear(x, self.base_layer.state, inner_bias, A, B, self.scaling, dropout_p=p)
-            else:
-                y = lora_linear(x, self.base_layer.weight.to(dtype), inner_bias, A, B, self.scaling, dropout_p=p)
-            if dora:
-                y = y * self.magnitude_scale().to(dtype)
-                if bias is not None:
-                    y = y + bias
+        # The op casts x, W, b, A and B to the compute dtype (autocast's, else x's) itself, as
+        # F.linear would; the casts of the fp32 A and B are differentiable, so their gradients
+        # arrive in fp32.
+        inner_bias = None if dora else bias  # DoRA rescales x·Wᵀ + the LoRA term, then adds b
+        if self.quantized:
+            y = nf4_lora_linear(x, self.base_layer.state, inner_bias, A, B, self.scaling, dropout_p=p)
+        else:
+            y = lora_linear(x, self.base_layer.weight, inner_bias, A, B, self.scaling, dropout_p=p)
+        if dora:
+            y = y * self.magnitude_scale().to(y.dtype)
+            if bias is not None:
+                y = y + bias.to(y.dtype)
         return y
 
     # DoRA ------------------------------------------------------------------------------------
