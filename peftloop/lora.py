@@ -103,7 +103,8 @@ class LoRALinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The base weight, for code that reads ``layer.weight`` (tied heads, shape checks)."""
         if self.quantized:
-            raise AttributeError("LoRALinear.weight: the base is 4-bit (NF4Linear); use base_layer.dequantize()")
+            raise AttributeError(
+                "LoRALinear.weight: the base is 4-bit (NF4Linear); use base_layer.dequantize()")
         return self.base_layer.weight
 
     @property
@@ -234,12 +235,14 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             weight = self.base_weight(torch.float32) + self.delta_weight()
             if self.use_dora:
-                weight *= (self.lora_magnitude_vector.float() / torch.linalg.vector_norm(weight, dim=1))[:, None]
+                norm = torch.linalg.vector_norm(weight, dim=1)
+                weight *= (self.lora_magnitude_vector.float() / norm)[:, None]
             return weight
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into W (computed in fp32, cast back to W's dtype). Forward then costs one matmul."""
+        """Fold the update into W (computed in fp32, cast back to W's dtype). Forward then costs one
+        matmul."""
         if self.merged:
             return
         if self.quantized:
@@ -280,7 +283,8 @@ class LoRALinear(nn.Module):
         exact = self.merged_weight()
         rounded = exact.to(dtype)
         error = float((rounded.float() - exact).abs().max()) if exact.numel() else 0.0
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta", dtype=dtype)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta",
+                           dtype=dtype)
         linear.weight = nn.Parameter(rounded, requires_grad=False)
         if self.bias is not None:
             linear.bias = nn.Parameter(self.bias.detach().to(dtype), requires_grad=False)
