@@ -26,7 +26,8 @@ TIMING_KEYS = {"tokens_per_s", "train_runtime", "train_samples_per_second", "tra
 def run_fresh(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """Run in a new interpreter with the environment a user has (no PYTHONHASHSEED pinning)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
-    done = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -52,7 +53,8 @@ def qa_data(tmp_path):
 def test_cli_train_twice_with_one_seed_gives_the_same_adapter_and_log(base, qa_data, tmp_path):  # noqa: F811
     """Dropout on, a shuffled order and an eval split: every random draw the CLI makes."""
     def train(out: str, seed: int):
-        run_fresh(["-m", "peftloop.cli", "train", "--model", str(base), "--data", str(qa_data), "--output-dir", out,
+        run_fresh(["-m", "peftloop.cli", "train", "--model", str(base), "--data", str(qa_data),
+                   "--output-dir", out,
                    "--seed", str(seed), "--max_steps", "4", "--micro_batch_size", "4", "--r", "4",
                    "--lora_dropout", "0.1", "--eval_split", "0.25", "--eval_every", "2", "--log_every", "1",
                    "--progress_bar", "false"], tmp_path)
@@ -107,9 +109,10 @@ def test_cli_train_under_torchrun_is_reproducible(base, qa_data, tmp_path):  # n
 
     for out in ("a", "b"):
         run_fresh(["-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-                   "--max-restarts=0", "-m", "peftloop", "train", "--model", str(base), "--data", str(qa_data),
-                   "--output-dir", out, "--seed", "7", "--max_steps", "3", "--micro_batch_size", "2", "--lora.r", "4",
-                   "--lora_dropout", "0.1", "--log_every", "1", "--progress_bar", "false", "--strategy", "ddp"],
+                   "--max-restarts=0", "-m", "peftloop", "train", "--model", str(base),
+                   "--data", str(qa_data), "--output-dir", out, "--seed", "7", "--max_steps", "3",
+                   "--micro_batch_size", "2", "--lora.r", "4", "--lora_dropout", "0.1", "--log_every", "1",
+                   "--progress_bar", "false", "--strategy", "ddp"],
                   tmp_path)
     assert adapter_bytes(tmp_path / "a" / "adapter") == adapter_bytes(tmp_path / "b" / "adapter")
     assert logged_numbers(tmp_path / "a" / "log.jsonl") == logged_numbers(tmp_path / "b" / "log.jsonl")
