@@ -23,10 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import peftloop.callbacks  # noqa: E402
 import peftloop.checkpoint as ckpt  # noqa: E402
 import peftloop.files as files  # noqa: E402
-from peftloop.config import LoraConfig, TrainConfig  # noqa: E402
-from peftloop.inject import inject_lora  # noqa: E402
+from peftloop.config import TrainConfig  # noqa: E402
 from peftloop.train import train  # noqa: E402
-from tests.helpers import tiny_model, toy_examples  # noqa: E402
+from tests.helpers import lora_model, toy_examples  # noqa: E402
 
 STEPS = 9
 
@@ -37,9 +36,7 @@ def die():
 
 def run_training(out: Path, resume: bool) -> int:
     torch.set_num_threads(1)
-    model = tiny_model(seed=0)
-    torch.manual_seed(0)
-    inject_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1))
+    model = lora_model(lora_dropout=0.1, init_lora_weights=True)
     data = toy_examples(20, seed=1)
     config = TrainConfig(output_dir=str(out), micro_batch_size=3, grad_accum=2, max_steps=STEPS, save_every=2,
                          save_total_limit=2, eval_every=3, learning_rate=5e-3, warmup_steps=2,
