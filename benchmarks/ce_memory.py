@@ -1,7 +1,7 @@
 """Peak memory of the loss: fused (chunked) linear cross-entropy vs materialised fp32 logits.
 
-    python -m benchmarks.ce_memory                 # SmolLM2-135M shape: 2,048 tokens, hidden 576, vocab 49,152
-    python -m benchmarks.ce_memory --tokens 4096   # any other shape
+    python -m benchmarks.ce_memory                # SmolLM2-135M shape: 2,048 tokens, hidden 576, vocab 49,152
+    python -m benchmarks.ce_memory --tokens 4096  # any other shape
 
 What is measured: the resident memory that one forward + backward of the loss adds on top
 of its inputs (hidden states, head, labels), gradients included. Each variant runs in a
@@ -39,10 +39,12 @@ import time
 from benchmarks.common import markdown_table, reset_peak, run_child, status_kib, write_results
 
 
-def _run_variant(variant: str, dtype_name: str, tokens: int, hidden: int, vocab: int, trainable_head: bool) -> dict:
+def _run_variant(variant: str, dtype_name: str, tokens: int, hidden: int, vocab: int,
+                 trainable_head: bool) -> dict:
     """Runs inside the subprocess: returns the measurement of one variant."""
     import torch
     import torch.nn.functional as F
+
     from peftloop.kernels import linear_cross_entropy
 
     torch.manual_seed(0)
@@ -85,7 +87,8 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--hidden", type=int, default=576)
     parser.add_argument("--vocab", type=int, default=49152)
-    parser.add_argument("--dtypes", default="fp32", help="fp32 and/or bf16 (bf16 matmuls are slow on CPUs without AVX512-BF16/AMX)")
+    parser.add_argument("--dtypes", default="fp32",
+                        help="fp32 and/or bf16 (bf16 matmuls are slow on CPUs without AVX512-BF16/AMX)")
     parser.add_argument("--trainable-head", action="store_true", help="also measure with the head trainable")
     parser.add_argument("--no-save", action="store_true", help="print only")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
@@ -93,7 +96,8 @@ def main() -> int:
 
     if args._child:  # inside the subprocess: one variant
         variant, dtype_name, trainable = args._child.split(":")
-        print(json.dumps(_run_variant(variant, dtype_name, args.tokens, args.hidden, args.vocab, trainable == "1")))
+        print(json.dumps(_run_variant(variant, dtype_name, args.tokens, args.hidden, args.vocab,
+                                      trainable == "1")))
         return 0
 
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PEFTLOOP_KERNELS")}
@@ -104,13 +108,16 @@ def main() -> int:
             for variant in ("materialised", "fused"):
                 rec = run_child("ce_memory", ["--tokens", str(args.tokens), "--hidden", str(args.hidden),
                                               "--vocab", str(args.vocab),
-                                              "--_child", f"{variant}:{dtype_name}:{int(trainable)}"], env=env)
+                                              "--_child", f"{variant}:{dtype_name}:{int(trainable)}"],
+                                env=env)
                 records.append(rec)
                 print(f"{variant:12s} {dtype_name:4s} head {'trainable' if trainable else 'frozen   '} "
-                      f"peak +{rec['peak_growth_mib']:8.1f} MiB  {rec['seconds']:6.2f} s  loss {rec['loss']:.4f}",
+                      f"peak +{rec['peak_growth_mib']:8.1f} MiB  {rec['seconds']:6.2f} s  "
+                      f"loss {rec['loss']:.4f}",
                       flush=True)
 
-    baseline = {(r["trainable_head"]): r for r in records if r["variant"] == "materialised" and r["dtype"] == "fp32"}
+    baseline = {(r["trainable_head"]): r for r in records
+                if r["variant"] == "materialised" and r["dtype"] == "fp32"}
     lines = []
     for r in records:
         ref = baseline.get(r["trainable_head"])
@@ -118,14 +125,16 @@ def main() -> int:
     for r in records:
         if r["variant"] == "fused" and r["ratio_vs_materialised_fp32"]:
             lines.append(f"ratio (materialised fp32 logits / fused {r['dtype']}, head "
-                         f"{'trainable' if r['trainable_head'] else 'frozen'}): {r['ratio_vs_materialised_fp32']:.1f}x")
+                         f"{'trainable' if r['trainable_head'] else 'frozen'}): "
+                         f"{r['ratio_vs_materialised_fp32']:.1f}x")
     print("\n".join(lines))
 
     if args.no_save:
         return 0
     shape = {"tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab}
     method = "peak RSS growth (VmHWM after clear_refs) over the inputs, one fwd+bwd per fresh subprocess"
-    rows = [(r["variant"], r["dtype"], "trainable" if r["trainable_head"] else "frozen", f"{r['peak_growth_mib']:.1f}",
+    rows = [(r["variant"], r["dtype"], "trainable" if r["trainable_head"] else "frozen",
+             f"{r['peak_growth_mib']:.1f}",
              f"{r['ratio_vs_materialised_fp32']:.1f}x" if r["ratio_vs_materialised_fp32"] else "-",
              f"{r['seconds']:.2f}") for r in records]
     body = [f"Shape: {args.tokens} tokens, hidden {args.hidden}, vocabulary {args.vocab}"
@@ -135,7 +144,8 @@ def main() -> int:
             *markdown_table(["variant", "dtype", "head", "peak growth (MiB)", "vs materialised fp32",
                              "fwd+bwd (s, min of 3)"], rows, align="lllrrr"),
             "", *lines]
-    write_results("ce_memory", records, title="Loss peak memory: fused linear cross-entropy vs materialised logits",
+    write_results("ce_memory", records,
+                  title="Loss peak memory: fused linear cross-entropy vs materialised logits",
                   body=body, meta={"shape": shape, "method": method})
     return 0
 

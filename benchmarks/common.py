@@ -86,7 +86,8 @@ def write_results(benchmark: str, records: list[dict], *, title: str, body: Sequ
     stem = result_stem(benchmark, where, date, results or RESULTS)
     head = {"benchmark": benchmark, "machine": where, "date": date, "command": command, **versions}
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({**head, **(meta or {}), "records": records}, indent=1) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps({**head, **(meta or {}), "records": records}, indent=1)
+                                         + "\n")
     provenance = "; ".join(f"{name} {v}" for name, v in versions.items())
     md = [f"# {title}", "", f"Machine: {where}; {provenance}; {date}. Command: `{command}`", "", *body]
     stem.with_suffix(".md").write_text("\n".join(md).rstrip("\n") + "\n")
@@ -122,7 +123,8 @@ def run_child(benchmark: str, child_args: Sequence[str], env: dict | None = None
     cmd = [sys.executable, "-m", f"benchmarks.{benchmark}", *child_args]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, check=False)
     if out.returncode:
-        raise RuntimeError(f"{shlex.join(cmd)} failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+        raise RuntimeError(f"{shlex.join(cmd)} failed ({out.returncode}):\n"
+                           f"{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

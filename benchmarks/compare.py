@@ -60,7 +60,8 @@ def write_base(shape_name: str, folder: Path) -> Path:
         "model.init_weights(torch.Generator().manual_seed(42))\n"
         "save_pretrained(model, sys.argv[2])\n"
     )
-    subprocess.run([sys.executable, "-c", code, json.dumps(SHAPES[shape_name].config_dict()), str(folder)], check=True)
+    subprocess.run([sys.executable, "-c", code, json.dumps(SHAPES[shape_name].config_dict()), str(folder)],
+                   check=True)
     return folder
 
 
@@ -75,7 +76,8 @@ def gemm_peak(threads: int) -> dict[str, float]:
         "    a, b = torch.randn(2048, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)\n"
         "    f = lambda: torch.nn.functional.linear(a, b)  # x·Wᵀ, the layout of every Linear forward\n"
         "    f()\n"
-        "    best = min((lambda t: (f(), time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(5))\n"
+        "    best = min((lambda t: (f(), time.perf_counter() - t)[1])(time.perf_counter())"
+        " for _ in range(5))\n"
         "    out[name] = 2 * 2048**3 / best / 1e9\n"
         "print(json.dumps(out))\n"
     )
@@ -86,9 +88,9 @@ def gemm_peak(threads: int) -> dict[str, float]:
 def run(system: str, base: Path, dtype: str, args, workdir: Path, parity_adapter: Path | None = None,
         steps: int | None = None) -> dict:
     out = workdir / f"{system}-{dtype}-{time.monotonic_ns()}.json"
-    cmd = [sys.executable, "-m", "benchmarks.run_one", "--system", system, "--base", str(base), "--dtype", dtype,
-           "--steps", str(steps or args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-           "--workdir", str(workdir / "runs"), "--out", str(out)]
+    cmd = [sys.executable, "-m", "benchmarks.run_one", "--system", system, "--base", str(base),
+           "--dtype", dtype, "--steps", str(steps or args.steps), "--warmup", str(args.warmup),
+           "--threads", str(args.threads), "--workdir", str(workdir / "runs"), "--out", str(out)]
     if parity_adapter:
         cmd += ["--parity", "--adapter", str(parity_adapter), "--warmup", "0"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
@@ -132,7 +134,8 @@ def parity(base: Path, args, workdir: Path, steps: int) -> dict:
     curves = {s: run(s, base, "fp32", args, workdir, parity_adapter=adapter, steps=steps)
               for s in ("peftloop", "trainer")}
     a, b = curves["peftloop"]["losses"], curves["trainer"]["losses"]
-    return {"steps": steps, "peftloop": a, "trainer": b, "max_abs_diff": max(abs(x - y) for x, y in zip(a, b)),
+    return {"steps": steps, "peftloop": a, "trainer": b,
+            "max_abs_diff": max(abs(x - y) for x, y in zip(a, b)),
             "step_times": {s: c["step_times_s"] for s, c in curves.items()}}
 
 
@@ -172,7 +175,8 @@ def plot(results: dict, path: Path) -> Path | None:
 
 def conditions(results: dict) -> str:
     """The machine's state during the run: its GEMM peak and its load."""
-    return (f"GEMM peak (2048^3): fp32 {results['gemm_peak']['fp32']:.0f}, bf16 {results['gemm_peak']['bf16']:.0f} "
+    return (f"GEMM peak (2048^3): fp32 {results['gemm_peak']['fp32']:.0f}, "
+            f"bf16 {results['gemm_peak']['bf16']:.0f} "
             f"GFLOP/s. Load average {results['load_before']:.2f} before, {results['load_after']:.2f} after.")
 
 
@@ -185,19 +189,21 @@ def tables(results: dict) -> list[str]:
         for system in ("trainer", "handloop", "peftloop"):
             if system in s:
                 r = s[system]
-                rows.append((model, dtype, names[system], f"{r['median_step_s']:.3f}", f"{r['tokens_per_s']:.0f}",
-                             f"{r['peak_rss_mib']:.0f} MiB", f"{r['gflops']:.0f}", f"{100 * r['of_gemm_peak']:.0f}%",
-                             f"{100 * r['spread']:.0f}%"))
+                rows.append((model, dtype, names[system], f"{r['median_step_s']:.3f}",
+                             f"{r['tokens_per_s']:.0f}", f"{r['peak_rss_mib']:.0f} MiB", f"{r['gflops']:.0f}",
+                             f"{100 * r['of_gemm_peak']:.0f}%", f"{100 * r['spread']:.0f}%"))
         if "ratio" in s:
-            ratios.append((model, dtype, f"**{s['ratio']['tokens_per_s']:.2f}x**", f"**{s['ratio']['peak_rss']:.2f}x**"))
-    lines = [*markdown_table(["model", "dtype", "system", "s/step", "tokens/s", "peak RSS", "GFLOP/s", "of GEMM peak",
-                              "spread"], rows),
+            ratios.append((model, dtype, f"**{s['ratio']['tokens_per_s']:.2f}x**",
+                           f"**{s['ratio']['peak_rss']:.2f}x**"))
+    lines = [*markdown_table(["model", "dtype", "system", "s/step", "tokens/s", "peak RSS", "GFLOP/s",
+                              "of GEMM peak", "spread"], rows),
              "",
-             *markdown_table(["model", "dtype", "tokens/s peftloop / Trainer", "peak RSS peftloop / Trainer"], ratios)]
+             *markdown_table(["model", "dtype", "tokens/s peftloop / Trainer", "peak RSS peftloop / Trainer"],
+                             ratios)]
     if results.get("parity"):
         p = results["parity"]
-        lines += ["", (f"Loss-curve parity ({p['model']}, fp32, same initial adapter, no dropout, {p['steps']} "
-                       f"steps): max |peftloop - Trainer| = {p['max_abs_diff']:.2e} per step.")]
+        lines += ["", (f"Loss-curve parity ({p['model']}, fp32, same initial adapter, no dropout, "
+                       f"{p['steps']} steps): max |peftloop - Trainer| = {p['max_abs_diff']:.2e} per step.")]
     return lines
 
 
@@ -276,7 +282,8 @@ def main() -> int:
     if "trainer" in systems and args.parity_steps:
         base = write_base(args.parity_model, work / f"base-{args.parity_model}")
         results["parity"] = {"model": args.parity_model, **parity(base, args, work, args.parity_steps)}
-        print(f"parity: max |loss diff| over {args.parity_steps} steps = {results['parity']['max_abs_diff']:.2e}")
+        print(f"parity: max |loss diff| over {args.parity_steps} steps = "
+              f"{results['parity']['max_abs_diff']:.2e}")
     results["load_after"] = load_average()
 
     stem = result_stem("compare", results["machine"], results["date"])

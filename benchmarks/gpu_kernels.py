@@ -1,8 +1,8 @@
 """Each Triton kernel against torch eager and torch.compile at Llama-1B and Llama-8B layer shapes, in bf16.
 
-    python -m benchmarks.gpu_kernels                # one GPU, about 3-5 minutes (most of it torch.compile)
+    python -m benchmarks.gpu_kernels          # one GPU, about 3-5 minutes (most of it torch.compile)
     python -m benchmarks.gpu_kernels --ops lora_linear,linear_cross_entropy --shapes llama-8b
-    python -m benchmarks.gpu_kernels --smoke        # tiny shapes on the CPU (Triton interpreted): checks the script
+    python -m benchmarks.gpu_kernels --smoke  # tiny shapes on the CPU (Triton interpreted): checks the script
 
 Providers: "peftloop" runs the op under ``backend("triton")`` (the fused kernels), "eager"
 runs its plain-torch reference (``backend("reference")``), "compile" runs
@@ -29,11 +29,11 @@ from dataclasses import dataclass
 if "--smoke" in sys.argv and not os.environ.get("TRITON_INTERPRET"):
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 
-import peftloop.kernels as K
 import torch
-from peftloop.kernels import backend
 
+import peftloop.kernels as K
 from benchmarks.common import machine, markdown_table, write_results
+from peftloop.kernels import backend
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,8 @@ class Shape:
 
 
 SHAPES = {
-    # Llama-3.2-1B and Llama-3.1-8B (hidden, intermediate, heads, kv heads, head dim, vocabulary); 4,096 tokens
+    # Llama-3.2-1B and Llama-3.1-8B (hidden, intermediate, heads, kv heads, head dim, vocabulary);
+    # 4,096 tokens
     "llama-1b": Shape("llama-1b", 4096, 2048, 8192, 32, 8, 64, 128256),
     "llama-8b": Shape("llama-8b", 4096, 4096, 14336, 32, 8, 128, 128256),
 }
@@ -73,7 +74,8 @@ def make_case(op: str, s: Shape, device, dtype=torch.bfloat16):
     if op == "rope":  # q/k as the attention layer has them: [B, T, H, D] projections viewed as [B, H, T, D]
         q = randn(1, s.tokens, s.heads, s.head_dim).transpose(1, 2).requires_grad_()
         k = randn(1, s.tokens, s.kv_heads, s.head_dim).transpose(1, 2).requires_grad_()
-        angles = torch.arange(s.tokens, device=device)[:, None] * torch.rand(s.head_dim // 2, generator=g).to(device)
+        angles = (torch.arange(s.tokens, device=device)[:, None]
+                  * torch.rand(s.head_dim // 2, generator=g).to(device))
         emb = torch.cat([angles, angles], -1)[None]
         return K.apply_rope, (q, k, emb.cos().to(dtype), emb.sin().to(dtype)), (q, k)
     if op == "swiglu":
@@ -165,7 +167,8 @@ def measure(op: str, shape: Shape, provider: str, device, smoke: bool) -> list[d
             step()
             torch.cuda.synchronize()
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-            records.append({"metric": "memory", "unit": "MiB", "mode": mode, "p50": peak, "p20": peak, "p80": peak})
+            records.append({"metric": "memory", "unit": "MiB", "mode": mode,
+                            "p50": peak, "p20": peak, "p80": peak})
     diff = None
     if op != "lora_linear_dropout":
         with torch.no_grad():
@@ -190,7 +193,8 @@ def write(records: list[dict], device) -> None:
         m = {p: index.get((kernel, x, mode, p, "memory")) for p in ("peftloop", "eager")}
         speed = f"{t['eager']['p50'] / t['peftloop']['p50']:.2f}x" if t["eager"] and t["peftloop"] else "-"
         mem = f"{m['peftloop']['p50']:.0f} / {m['eager']['p50']:.0f}" if m["peftloop"] and m["eager"] else "-"
-        rows.append((kernel, x, mode, _cell(t["peftloop"]), _cell(t["eager"]), _cell(t["compile"]), speed, mem))
+        rows.append((kernel, x, mode, _cell(t["peftloop"]), _cell(t["eager"]), _cell(t["compile"]),
+                     speed, mem))
     gpu = _gpu_name(device)
     body = ["bf16. Time: p50 ms (p20-p80). Memory: peak MiB over the inputs. Speed-up: eager / peftloop.", "",
             *markdown_table(["kernel", "shape", "mode", "peftloop", "eager", "compile", "speed-up",
@@ -216,7 +220,8 @@ def main() -> int:
         device, shapes = torch.device("cpu"), [SMOKE_SHAPE]
     else:
         if not torch.cuda.is_available():
-            print("no CUDA device: run on a GPU, or pass --smoke to check the script on the CPU", file=sys.stderr)
+            print("no CUDA device: run on a GPU, or pass --smoke to check the script on the CPU",
+                  file=sys.stderr)
             return 2
         device, shapes = torch.device("cuda"), [SHAPES[s] for s in args.shapes.split(",")]
     start = time.perf_counter()
@@ -229,7 +234,8 @@ def main() -> int:
                 records += recs
                 summary = "  ".join(f"{r['mode']} {r['p50']:.3f} {r['unit']}" for r in recs)
                 diff = recs[0]["max_abs_diff_vs_eager"]
-                print(f"{shape.name:9s} {op:22s} {provider:9s} {summary}  diff {'-' if diff is None else f'{diff:.3g}'}"
+                print(f"{shape.name:9s} {op:22s} {provider:9s} {summary}  "
+                      f"diff {'-' if diff is None else f'{diff:.3g}'}"
                       f"  ({time.perf_counter() - t0:.1f}s)", flush=True)
     print(f"total {time.perf_counter() - start:.0f}s")
     if not args.no_save:

@@ -74,13 +74,14 @@ def _measure(loader: str, folder: str, tiny: str, dtype_name: str) -> dict:
     return {"loader": loader, "file_dtype": Path(folder).name.rsplit("-", 1)[-1], "dtype": dtype_name,
             "parameters": sum(p.numel() for p in params), "weights_mib": weights / 2**20,
             "baseline_mib": baseline / 1024, "peak_growth_mib": (peak - baseline) / 1024,
-            "resident_growth_mib": (after - baseline) / 1024, "peak_over_weights": (peak - baseline) * 1024 / weights,
-            "seconds": seconds}
+            "resident_growth_mib": (after - baseline) / 1024,
+            "peak_over_weights": (peak - baseline) * 1024 / weights, "seconds": seconds}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--transformers", action="store_true", help="also measure transformers' from_pretrained")
+    parser.add_argument("--transformers", action="store_true",
+                        help="also measure transformers' from_pretrained")
     parser.add_argument("--no-save", action="store_true", help="print only")
     parser.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -94,25 +95,28 @@ def main() -> int:
         folders = write_smollm2_shape(Path(tmp), ("fp32", "bf16"))
         for loader in loaders:
             for file_dtype, dtype in (("bf16", "bf16"), ("fp32", "bf16"), ("fp32", "fp32")):
-                rec = run_child("load_memory", ["--_child", loader, str(folders[file_dtype]), str(folders["tiny"]),
-                                                dtype])
+                rec = run_child("load_memory", ["--_child", loader, str(folders[file_dtype]),
+                                                str(folders["tiny"]), dtype])
                 records.append(rec)
-                print(f"{loader:12s} {file_dtype} file -> {dtype}: weights {rec['weights_mib']:7.1f} MiB, peak "
-                      f"+{rec['peak_growth_mib']:7.1f} MiB ({rec['peak_over_weights']:.2f}x), resident after "
-                      f"+{rec['resident_growth_mib']:7.1f} MiB, {rec['seconds']:.2f} s", flush=True)
+                print(f"{loader:12s} {file_dtype} file -> {dtype}: weights {rec['weights_mib']:7.1f} MiB, "
+                      f"peak +{rec['peak_growth_mib']:7.1f} MiB ({rec['peak_over_weights']:.2f}x), "
+                      f"resident after +{rec['resident_growth_mib']:7.1f} MiB, {rec['seconds']:.2f} s",
+                      flush=True)
     if args.no_save:
         return 0
 
-    method = "peak RSS growth (VmHWM after clear_refs) over a warmed-up process, one load per fresh subprocess"
-    rows = [(r["loader"], r["file_dtype"], r["dtype"], f"{r['weights_mib']:.1f}", f"{r['peak_growth_mib']:.1f}",
-             f"{r['peak_over_weights']:.2f}x", f"{r['resident_growth_mib']:.1f}", f"{r['seconds']:.2f}")
+    method = ("peak RSS growth (VmHWM after clear_refs) over a warmed-up process, "
+              "one load per fresh subprocess")
+    rows = [(r["loader"], r["file_dtype"], r["dtype"], f"{r['weights_mib']:.1f}",
+             f"{r['peak_growth_mib']:.1f}", f"{r['peak_over_weights']:.2f}x",
+             f"{r['resident_growth_mib']:.1f}", f"{r['seconds']:.2f}")
             for r in records]
     body = [(f"Checkpoint: SmolLM2-135M's shape ({records[0]['parameters']:,} parameters, tied embeddings), "
              "random weights, one model.safetensors."),
             f"Method: {method} (see benchmarks/load_memory.py).",
             "",
-            *markdown_table(["loader", "file", "loaded as", "weights (MiB)", "peak growth (MiB)", "peak / weights",
-                             "resident after (MiB)", "time (s)"], rows, align="lllrrrrr")]
+            *markdown_table(["loader", "file", "loaded as", "weights (MiB)", "peak growth (MiB)",
+                             "peak / weights", "resident after (MiB)", "time (s)"], rows, align="lllrrrrr")]
     write_results("load_memory", records, title="Loading peak memory: SmolLM2-135M's shape", body=body,
                   meta={"shape": SMOLLM2_135M, "method": method})
     return 0

@@ -40,13 +40,16 @@ def main() -> int:
             ids, mask, positions = inputs(ours.config.vocab_size)
             with torch.no_grad():
                 plain = (ours(ids) - theirs(ids).logits).abs().max().item()
-                padded = (ours(ids, attention_mask=mask, position_ids=positions)
-                          - theirs(ids, attention_mask=mask, position_ids=positions).logits)[mask.bool()].abs().max().item()
+                padded = ((ours(ids, attention_mask=mask, position_ids=positions)
+                           - theirs(ids, attention_mask=mask, position_ids=positions).logits)[mask.bool()]
+                          .abs().max().item())
                 scale = theirs(ids).logits.abs().max().item()
             model_type, _, switches = FAMILIES[family]
             records.append({"checkpoint": family, "model_type": model_type, "switches": switches,
-                            "max_abs_diff": plain, "left_padded_max_abs_diff": padded, "max_abs_logit": scale})
-            print(f"{family:14s} {model_type:8s} max |diff| {plain:.2e} (left-padded {padded:.2e}), |logits| <= {scale:.1f}")
+                            "max_abs_diff": plain, "left_padded_max_abs_diff": padded,
+                            "max_abs_logit": scale})
+            print(f"{family:14s} {model_type:8s} max |diff| {plain:.2e} (left-padded {padded:.2e}), "
+                  f"|logits| <= {scale:.1f}")
     if args.no_save:
         return 0
 
@@ -57,8 +60,8 @@ def main() -> int:
             shown = "llama3 rope scaling" + (", " + shown if shown else "")
         rows.append((r["checkpoint"], r["model_type"], shown or "-", f"{r['max_abs_diff']:.1e}",
                      f"{r['left_padded_max_abs_diff']:.1e}", f"{r['max_abs_logit']:.1f}"))
-    body = markdown_table(["checkpoint", "model_type", "switches", "max abs diff", "left-padded", "max abs logit"],
-                          rows, align="lllrrr")
+    body = markdown_table(["checkpoint", "model_type", "switches", "max abs diff", "left-padded",
+                           "max abs logit"], rows, align="lllrrr")
     write_results("model_parity", records, title="Logit parity with transformers (fp32)", body=body,
                   libraries=("transformers", "torch"),
                   meta={"method": "max |logit difference|, peftloop vs transformers (eager attention), fp32, "

@@ -29,7 +29,8 @@ from benchmarks.compare import write_base
 from benchmarks.run_one import MICRO_BATCH, SEQ_LEN, TARGETS
 
 BUCKETS = {
-    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_", "aten::_addmm_activation"),
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_",
+               "aten::_addmm_activation"),
     "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention"),
     "loss": ("log_softmax", "nll_loss", "cross_entropy", "logsumexp", "_softmax_backward"),
 }
@@ -128,8 +129,10 @@ def main() -> int:
     print(what, *table, sep="\n")
     if args.no_save:
         return 0
-    write_results("profile_step", records, title="Where one micro-batch's time goes: peftloop vs transformers + peft",
-                  body=[f"{what[0].upper()}{what[1:]}.", "", *table], libraries=("torch", "transformers", "peft"),
+    write_results("profile_step", records,
+                  title="Where one micro-batch's time goes: peftloop vs transformers + peft",
+                  body=[f"{what[0].upper()}{what[1:]}.", "", *table],
+                  libraries=("torch", "transformers", "peft"),
                   meta={"model": args.model, "dtype": args.dtype, "repeats": args.repeats,
                         "micro_batch_size": MICRO_BATCH, "seq_len": SEQ_LEN})
     return 0

@@ -44,7 +44,8 @@ def initial_adapter(base: Path, out: Path, dropout: float) -> Path:
 
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     torch.manual_seed(0)
-    config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS, task_type="CAUSAL_LM")
+    config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS,
+                             task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, config)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -91,9 +92,10 @@ def run_peftloop(args, data, clock: StepClock, losses: list[float]):
             losses.append(metrics["loss"])
 
     config = TrainConfig(output_dir=str(args.workdir / "peftloop"), micro_batch_size=MICRO_BATCH,
-                         grad_accum=GRAD_ACCUM, max_steps=args.steps, learning_rate=LR, max_grad_norm=MAX_GRAD_NORM,
-                         lr_scheduler="linear", precision=args.dtype, shuffle=not args.parity, progress_bar=False,
-                         log_every=10**9, device="cpu" if not torch.cuda.is_available() else "auto")
+                         grad_accum=GRAD_ACCUM, max_steps=args.steps, learning_rate=LR,
+                         max_grad_norm=MAX_GRAD_NORM, lr_scheduler="linear", precision=args.dtype,
+                         shuffle=not args.parity, progress_bar=False, log_every=10**9,
+                         device="cpu" if not torch.cuda.is_available() else "auto")
     clock.last = time.perf_counter()
     train(model, data, config=config, callbacks=[Clock()])
 
@@ -140,7 +142,8 @@ def run_trainer(args, data, clock: StepClock, losses: list[float]):
 
         def _get_train_sampler(self, *a, **k):
             # the parity run feeds examples in order, as peftloop's shuffle=False does
-            return torch.utils.data.SequentialSampler(self.train_dataset) if args.parity else super()._get_train_sampler(*a, **k)
+            return (torch.utils.data.SequentialSampler(self.train_dataset) if args.parity
+                    else super()._get_train_sampler(*a, **k))
 
     targs = transformers.TrainingArguments(
         output_dir=str(args.workdir / "trainer"), use_cpu=not torch.cuda.is_available(),
@@ -160,8 +163,8 @@ def run_handloop(args, data, clock: StepClock, losses: list[float]):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, fused=True, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, (args.steps - s) / args.steps))
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist() if not args.parity \
-        else list(range(len(data)))
+    order = (torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist() if not args.parity
+             else list(range(len(data))))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     clock.last = time.perf_counter()
     for step in range(args.steps):
@@ -173,8 +176,8 @@ def run_handloop(args, data, clock: StepClock, losses: list[float]):
         for ids in batches:
             with autocast:
                 logits = model(input_ids=ids).logits
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
-                                                     reduction="sum") / tokens
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                                     ids[:, 1:].flatten(), reduction="sum") / tokens
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)

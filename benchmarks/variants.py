@@ -68,7 +68,8 @@ def _measure(variant: str, folder: str, tiny: str, warmup: int, steps: int, outp
     from peftloop.train import train
 
     _, quantization, checkpointing, dora = VARIANTS[variant]
-    load_pretrained(tiny, dtype="fp32", quantization=quantization)  # warm-up: imports, allocator, thread pools
+    # warm-up: imports, allocator, thread pools
+    load_pretrained(tiny, dtype="fp32", quantization=quantization)
     baseline = reset_peak()
     start = time.perf_counter()
     model = load_pretrained(folder, dtype="fp32", quantization=quantization)
@@ -143,28 +144,31 @@ def main() -> int:
     if args.no_save:
         return 0
 
-    meta = {"shape": SMOLLM2_135M, "seq_len": SEQ_LEN, "micro_batch_size": MICRO_BATCH, "grad_accum": GRAD_ACCUM,
-            "lora_r": 16, "lora_alpha": 32, "target_modules": TARGETS, "precision": "fp32",
-            "warmup_steps": args.warmup, "measured_steps": args.steps,
+    meta = {"shape": SMOLLM2_135M, "seq_len": SEQ_LEN, "micro_batch_size": MICRO_BATCH,
+            "grad_accum": GRAD_ACCUM, "lora_r": 16, "lora_alpha": 32, "target_modules": TARGETS,
+            "precision": "fp32", "warmup_steps": args.warmup, "measured_steps": args.steps,
             "method": "one fresh subprocess per variant; peak = VmHWM - VmRSS baseline after a warm-up load "
                       "(clear_refs), over load + training; step time = median of the measured steps"}
     lora = next((r for r in records if r["variant"] == "lora"), None)
     rows = [(r["description"], f"{r['median_step_s']:.2f}", f"{r['tokens_per_s']:.0f}",
-             f"{r['median_step_s'] / lora['median_step_s']:.2f}x" if lora else "-", f"{r['peak_growth_mib']:.0f}",
+             f"{r['median_step_s'] / lora['median_step_s']:.2f}x" if lora else "-",
+             f"{r['peak_growth_mib']:.0f}",
              f"{r['peak_growth_mib'] / lora['peak_growth_mib']:.2f}x" if lora else "-",
              f"{r['linear_weights_mib']:.1f}", f"{r['model_mib']:.1f}") for r in records]
     body = [(f"Model: SmolLM2-135M's shape ({records[0]['total_params']:,} parameters, tied embeddings), "
-             "random weights, loaded in fp32 from a bf16 checkpoint (QLoRA: every Linear but the head in NF4 with "
-             "double quantisation, computing in fp32)."),
+             "random weights, loaded in fp32 from a bf16 checkpoint (QLoRA: every Linear but the head in NF4 "
+             "with double quantisation, computing in fp32)."),
             (f"Training: LoRA r=16, alpha 32 on {', '.join(TARGETS)}; {GRAD_ACCUM} micro-batches of "
              f"{MICRO_BATCH} x {SEQ_LEN} random tokens per step, loss on every token, fp32, AdamW; "
              f"{args.warmup} warm-up + {args.steps} measured steps."),
             f"Method: {meta['method']} (see benchmarks/variants.py).",
             "",
-            *markdown_table(["variant", "median step (s)", "tokens/s", "step time vs LoRA", "peak growth (MiB)",
-                             "peak vs LoRA", "Linear weights (MiB)", "model after load (MiB)"], rows,
+            *markdown_table(["variant", "median step (s)", "tokens/s", "step time vs LoRA",
+                             "peak growth (MiB)", "peak vs LoRA", "Linear weights (MiB)",
+                             "model after load (MiB)"], rows,
                             align="lrrrrrrr")]
-    write_results("variants", records, title="LoRA variants: step time and peak memory, SmolLM2-135M's shape",
+    write_results("variants", records,
+                  title="LoRA variants: step time and peak memory, SmolLM2-135M's shape",
                   body=body, meta=meta)
     return 0
 
