@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"peftloop": ROOT / "peftloop", "peftloop.kernels": ROOT / "kernels"}
 
 # Imported inside functions on purpose: packages that may be absent (triton off Linux and in
-# minimal installs; the AOT compile check needs triton's compiler internals).
-OPTIONAL_PACKAGES = {"triton"}
+# minimal installs; the AOT compile check needs triton's compiler internals; torch.utils.tensorboard
+# imports the optional tensorboard package). A name covers the modules inside it.
+OPTIONAL_PACKAGES = {"triton", "torch.utils.tensorboard"}
 
 
 @dataclass
@@ -133,9 +134,8 @@ def violations(modules: dict[str, Module], layers: list[list[str]]) -> list[str]
             found.append(f"{module.name}: not in the declared layers")
             continue
         for target, line, inside in module.imports:
-            top = target.split(".")[0]
             dep = owner(target, modules)
-            if inside and top not in OPTIONAL_PACKAGES:
+            if inside and not any(target == p or target.startswith(p + ".") for p in OPTIONAL_PACKAGES):
                 found.append(f"{where}:{line}: function-local import of {target}")
             if dep is None or dep == module.name:
                 continue
