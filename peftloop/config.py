@@ -162,6 +162,10 @@ class TrainConfig:
     log_every: int = 1
     """Log the mean loss of the last N steps to the console and log.jsonl."""
     progress_bar: bool = True
+    report_to: list[str] | str = "none"
+    """Where else the log records go, as the Trainer's report_to: "none" (the console and
+    log.jsonl only) or "tensorboard" (also TensorBoard event files in output_dir/runs; needs
+    pip install 'peftloop[tensorboard]'), or a list of them."""
     save_every: int = 0
     """Save a checkpoint-N folder every N optimizer steps (0: never)."""
     save_each_epoch: bool = False
@@ -212,6 +216,10 @@ class TrainConfig:
             raise ConfigError(f"train.on_save_error={self.on_save_error!r}: expected 'stop' or 'continue'")
         if self.strategy not in ("auto", "none", "ddp", "fsdp"):
             raise ConfigError(f"train.strategy={self.strategy!r}: expected 'auto', 'none', 'ddp' or 'fsdp'")
+        reports = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        if any(r not in ("none", "tensorboard") for r in reports):
+            raise ConfigError(f"train.report_to={self.report_to!r}: expected 'none' or 'tensorboard' "
+                              "(or a list of them)")
         if self.max_steps <= 0 and self.num_epochs == 0:
             raise ConfigError("train: set num_epochs >= 1 or max_steps >= 1")
 
