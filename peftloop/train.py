@@ -51,7 +51,14 @@ from tqdm.auto import tqdm
 
 from peftloop import checkpoint, distributed, files
 from peftloop.adapter_format import adapter_state_dict, load_adapter_state_dict
-from peftloop.callbacks import Callback, EarlyStopping, JsonlLogger
+from peftloop.callbacks import (
+    Callback,
+    EarlyStopping,
+    JsonlLogger,
+    TensorBoardCallback,
+    format_log,
+    peak_memory_mb,
+)
 from peftloop.config import LoraConfig, TrainConfig
 from peftloop.data import IGNORE_INDEX, collate, input_tokens, label_tokens, micro_batches, num_micro_batches
 from peftloop.kernels import native_low_precision_cpu
@@ -176,6 +183,9 @@ def train(
         if dist_.is_main:
             print(f"peftloop: resumed from {resume_path} at step {state.global_step}")
 
+    reports = [config.report_to] if isinstance(config.report_to, str) else config.report_to
+    if "tensorboard" in reports:  # built on every rank, so a missing package stops all; rank 0 writes
+        callbacks = [TensorBoardCallback(output_dir / "runs"), *callbacks]
     if dist_.is_main:
         callbacks = [JsonlLogger(output_dir / "log.jsonl"), *callbacks]
     if config.early_stopping_patience:
@@ -282,15 +292,24 @@ def train(
             progress.update(1)
 
             if state.global_step % config.log_every == 0 or state.global_step == total_steps:
-                elapsed = time.perf_counter() - time_of_log
+                now = time.perf_counter()
+                interval, elapsed = now - time_of_log, now - start_time
                 tokens_since_log = distributed.all_reduce_sum(tokens_since_log, dist_, device)
                 logs = {"step": state.global_step, "epoch": _epoch_progress(state, train_data),
                         "loss": sum(losses_since_log) / len(losses_since_log), "grad_norm": grad_norm,
-                        "lr": lr, "tokens_per_s": tokens_since_log / max(elapsed, 1e-9)}
-                progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}",
-                                     tok_s=f"{logs['tokens_per_s']:.0f}")
+                        "lr": lr,
+                        # measurements, which differ between identical runs: throughput, seconds per
+                        # step over this interval, seconds since this run began and still to go (at its
+                        # mean pace so far), this process's peak memory
+                        "tokens_per_s": tokens_since_log / max(interval, 1e-9),
+                        "step_time": interval / len(losses_since_log),
+                        "elapsed": elapsed,
+                        "eta": elapsed / (state.global_step - start_step) * (total_steps - state.global_step),
+                        "peak_memory_mb": peak_memory_mb(device)}
+                # the bar shows elapsed, ETA and s/it itself
+                progress.set_postfix_str(format_log(logs, ("loss", "lr", "tokens_per_s", "peak_memory_mb")))
                 if not config.progress_bar and dist_.is_main:
-                    print(" ".join(f"{k}={_fmt(v)}" for k, v in logs.items()), flush=True)
+                    print(format_log(logs), flush=True)
                 for cb in callbacks:
                     cb.on_log(state, logs)
                 losses_since_log, tokens_since_log, time_of_log = [], 0, time.perf_counter()
@@ -553,7 +572,3 @@ def _gather_adapter(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter as whole CPU tensors under PEFT's keys (a collective under FSDP2)."""
     tensors = adapter_state_dict(distributed.unwrap(model))
     return {k: distributed.full_tensor(v).detach().to("cpu").contiguous() for k, v in tensors.items()}
-
-
-def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
