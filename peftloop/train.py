@@ -29,6 +29,10 @@ logging and saving happen on rank 0.
 The model is any ``nn.Module`` with adapters injected. peftloop's own models return the summed
 token loss from ``model(input_ids, labels=...)`` (fused, chunked head + loss); any other model
 (a transformers one, say) returns logits and the loss is computed here.
+
+Hyperparameter search: ``train(..., trial=optuna_trial)`` takes the trial's values for the
+TrainConfig fields, reports every evaluation to it, and stops a trial the pruner cuts after the
+current step (its checkpoints intact), raising ``optuna.TrialPruned``. ``peftloop.search`` drives it.
 """
 
 from __future__ import annotations
@@ -37,8 +41,9 @@ import dataclasses
 import itertools
 import math
 import random
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,9 +130,23 @@ def train(
     config: TrainConfig | None = None,
     callbacks: list[Callback] | tuple = (),
     collate_fn=collate,
+    trial=None,
+    trial_metric: str = "eval_loss",
 ) -> TrainResult:
-    """Train the adapters of ``model`` on ``train_data``: the phases of the module docstring, in order."""
-    config = config or TrainConfig()
+    """Train the adapters of ``model`` on ``train_data``: the phases of the module docstring, in order.
+
+    ``trial`` (hyperparameter search) is an ``optuna.Trial`` or a dict of values. Its values for
+    TrainConfig fields (learning_rate, warmup_steps, weight_decay, ...) override ``config``. LoRA
+    settings (r, lora_alpha, lora_dropout, target_modules, ...) shape the adapters, so they must be
+    applied before ``inject_lora``: a value the model's adapters do not have is an error
+    (``apply_trial``). An optuna.Trial also gets every evaluation's ``trial_metric`` at its step
+    (``trial.report``); when its pruner says so, the run stops after the current step (a checkpoint
+    due at that step is written, earlier ones stay intact; the adapter is written) and
+    ``optuna.TrialPruned`` is raised. One process: under torchrun, give the trial to rank 0 only.
+    """
+    config = apply_trial(config or TrainConfig(), trial, getattr(model, "lora_config", None))
+    if trial is not None and not isinstance(trial, Mapping) and eval_data is None:
+        raise ValueError("train(trial=...): an optuna trial needs eval_data (nothing to report to it)")
     output_dir = Path(config.output_dir)
 
     # ---- 1. set-up: adapters, device, processes, seeds, precision ------------------------------
@@ -217,6 +236,7 @@ def train(
     progress = tqdm(total=total_steps, initial=state.global_step, dynamic_ncols=True, desc="train",
                     disable=not (config.progress_bar and dist_.is_main))
     last_eval: dict[str, float] = {}
+    pruned = False  # an optuna trial's pruner asked to stop
     losses_since_log, tokens_since_log, time_of_log = [], 0, time.perf_counter()
     start_time, start_step = time.perf_counter(), state.global_step
 
@@ -321,6 +341,8 @@ def train(
                     progress.write(f"step {state.global_step}: eval_loss {last_eval['eval_loss']:.4f}")
                 for cb in callbacks:
                     cb.on_evaluate(state, last_eval)
+                if trial is not None and report_to_trial(trial, last_eval, trial_metric):
+                    pruned = state.should_stop = True  # finish this step (and its checkpoint), then stop
 
             # g. save a checkpoint; a failed write leaves the previous one intact
             if (config.save_every and state.global_step % config.save_every == 0) or \
@@ -348,6 +370,8 @@ def train(
         last_eval = evaluate()
         for cb in callbacks:
             cb.on_evaluate(state, last_eval)
+        if trial is not None:
+            report_to_trial(trial, last_eval, trial_metric)
     adapter = _gather_adapter(model)
     if dist_.is_main:
         checkpoint.write_adapter(output_dir / "adapter", adapter, lora_config)
@@ -363,6 +387,8 @@ def train(
         "nonfinite_steps": state.nonfinite_steps,
         **{k: v for k, v in last_eval.items() if k != "step"},
     }
+    if pruned:
+        raise trial_pruned(state.global_step, trial_metric, last_eval)
     return TrainResult(state.global_step, metrics["train_loss"], metrics)
 
 
@@ -422,6 +448,50 @@ def apply_nan_policy(step: int, loss: float, grad_norm: float, scaler: torch.amp
     if config.nan_policy == "stop":
         raise NonFiniteError(_nonfinite_report(step, loss, model))
     return True
+
+
+def apply_trial(config: TrainConfig, trial, lora_config: LoraConfig | None) -> TrainConfig:
+    """``config`` with a search trial's values (a dict, or an optuna.Trial's ``params``).
+
+    TrainConfig fields override ``config``. LoRA fields must already be what ``lora_config`` (the
+    model's adapters) has, as the search driver builds them: otherwise a ValueError says to apply
+    them before inject_lora. A ``target_modules`` pattern ("all-linear", a regex) cannot be compared
+    with the resolved names and is taken as applied. Other names: an error in a dict; in an
+    optuna.Trial, the objective's own settings, left to it."""
+    if trial is None:
+        return config
+    values = dict(trial) if isinstance(trial, Mapping) else dict(trial.params)
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    lora_fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    for key, value in values.items():
+        applied = lora_config is None or _same_setting(value, getattr(lora_config, key, None))
+        if key in lora_fields and not applied:
+            raise ValueError(
+                f"train(trial=...): the trial sets lora.{key}={value!r}, but the model's adapters have "
+                f"{getattr(lora_config, key)!r}: LoRA settings shape the adapters, so apply them before "
+                f"inject_lora (LoraConfig({key}=...)); train() can only change TrainConfig fields")
+        if key not in train_fields | lora_fields and isinstance(trial, Mapping):
+            raise ValueError(f"train(trial=...): {key!r} is neither a TrainConfig nor a LoraConfig field")
+    return dataclasses.replace(config, **{k: v for k, v in values.items() if k in train_fields})
+
+
+def report_to_trial(trial, metrics: dict[str, Any], metric: str) -> bool:
+    """Report ``metrics[metric]`` at its step to an optuna.Trial; True when the pruner says stop.
+    A dict trial has nothing to report to."""
+    if isinstance(trial, Mapping):
+        return False
+    if metric not in metrics:
+        raise ValueError(f"train(trial=...): trial_metric={metric!r} is not one of the evaluation's "
+                         f"metrics ({', '.join(k for k in metrics if k != 'step')})")
+    trial.report(float(metrics[metric]), metrics["step"])
+    return bool(trial.should_prune())
+
+
+def trial_pruned(step: int, metric: str, metrics: dict[str, Any]) -> Exception:
+    """The exception optuna expects from a pruned trial (``study.optimize`` records it as PRUNED)."""
+    import optuna  # optional (the 'optuna' extra); only a pruned optuna.Trial gets here
+
+    return optuna.TrialPruned(f"pruned after step {step} ({metric} {metrics.get(metric)})")
 
 
 def require_adapters(model: nn.Module) -> LoraConfig:
@@ -548,6 +618,18 @@ def _resume_path(config: TrainConfig) -> Path | None:
 
 def _saved_state(state: TrainState, config: TrainConfig) -> dict[str, Any]:
     return {**{name: getattr(state, name) for name in SAVED_FIELDS}, "config": dataclasses.asdict(config)}
+
+
+def _same_setting(trial_value, model_value) -> bool:
+    """A trial's LoRA value against the model's: "q_proj,v_proj" is the list of those names, and
+    lists compare as sets (inject_lora keeps names sorted); a pattern string is not comparable."""
+    if isinstance(model_value, (list, tuple)) and isinstance(trial_value, str):
+        if not re.fullmatch(r"[\w\s,]+", trial_value):
+            return True
+        trial_value = [name.strip() for name in trial_value.split(",") if name.strip()]
+    if isinstance(model_value, (list, tuple)) and isinstance(trial_value, (list, tuple)):
+        return sorted(model_value) == sorted(trial_value)
+    return trial_value == model_value
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

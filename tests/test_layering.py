@@ -22,8 +22,9 @@ SOURCES = {"peftloop": ROOT / "peftloop", "peftloop.kernels": ROOT / "kernels"}
 
 # Imported inside functions on purpose: packages that may be absent (triton off Linux and in
 # minimal installs; the AOT compile check needs triton's compiler internals; torch.utils.tensorboard
-# imports the optional tensorboard package). A name covers the modules inside it.
-OPTIONAL_PACKAGES = {"triton", "torch.utils.tensorboard"}
+# imports the optional tensorboard package; optuna, the 'optuna' extra, only where a search trial
+# needs it). A name covers the modules inside it.
+OPTIONAL_PACKAGES = {"triton", "torch.utils.tensorboard", "optuna"}
 
 
 @dataclass
