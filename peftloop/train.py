@@ -140,9 +140,10 @@ def train(
     settings (r, lora_alpha, lora_dropout, target_modules, ...) shape the adapters, so they must be
     applied before ``inject_lora``: a value the model's adapters do not have is an error
     (``apply_trial``). An optuna.Trial also gets every evaluation's ``trial_metric`` at its step
-    (``trial.report``); when its pruner says so, the run stops after the current step (a checkpoint
-    due at that step is written, earlier ones stay intact; the adapter is written) and
-    ``optuna.TrialPruned`` is raised. One process: under torchrun, give the trial to rank 0 only.
+    (``trial.report``); when its pruner says so before the last step, the run stops after the
+    current step (a checkpoint due at that step is written, earlier ones stay intact; the adapter
+    is written) and ``optuna.TrialPruned`` is raised. One process: under torchrun, give the trial
+    to rank 0 only.
     """
     config = apply_trial(config or TrainConfig(), trial, getattr(model, "lora_config", None))
     if trial is not None and not isinstance(trial, Mapping) and eval_data is None:
@@ -341,8 +342,11 @@ def train(
                     progress.write(f"step {state.global_step}: eval_loss {last_eval['eval_loss']:.4f}")
                 for cb in callbacks:
                     cb.on_evaluate(state, last_eval)
-                if trial is not None and report_to_trial(trial, last_eval, trial_metric):
-                    pruned = state.should_stop = True  # finish this step (and its checkpoint), then stop
+                # a search trial: report; one the pruner cuts finishes this step (and its checkpoint),
+                # then stops. At the last step the run is over anyway: the trial completes.
+                if trial is not None and report_to_trial(trial, last_eval, trial_metric) \
+                        and state.global_step < total_steps:
+                    pruned = state.should_stop = True
 
             # g. save a checkpoint; a failed write leaves the previous one intact
             if (config.save_every and state.global_step % config.save_every == 0) or \

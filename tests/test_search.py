@@ -10,16 +10,22 @@ adapter loads in peft.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
+from peftloop import search
 from peftloop.adapter_format import adapter_state_dict
-from peftloop.checkpoint import list_checkpoints, verify_manifest
-from peftloop.config import LoraConfig, TrainConfig
+from peftloop.checkpoint import list_checkpoints, load_adapter, verify_manifest
+from peftloop.config import ConfigError, LoraConfig, TrainConfig
 from peftloop.inject import inject_lora
+from peftloop.models import load_pretrained
 from peftloop.train import train
-from tests.helpers import tiny_model, toy_examples
+from tests.helpers import logits_of, tiny_model, toy_examples
+from tests.hf_builders import load_reference
 
 optuna = pytest.importorskip("optuna", reason="the 'optuna' extra is not installed")
 
@@ -134,3 +140,237 @@ def test_optuna_trial_needs_eval_data_and_a_known_metric(tmp_path):
     with pytest.raises(ValueError, match=r"eval_exact_mtch.*eval_loss"):
         train(lora_model(), data, data[:4], config(tmp_path / "b", max_steps=2, eval_every=1),
               trial=study.ask(), trial_metric="eval_exact_mtch")
+
+
+def test_a_trial_the_pruner_cuts_at_its_last_evaluation_completes(tmp_path):
+    study = quiet_study(pruner=optuna.pruners.ThresholdPruner(upper=0.0))
+    trial = study.ask()
+    data = toy_examples(8)
+    result = train(lora_model(), data, data[:4], config(tmp_path, max_steps=2, eval_every=2), trial=trial)
+    assert result.global_step == 2 and sorted(study.trials[0].intermediate_values) == [2]
+
+
+# -- the space file -----------------------------------------------------------------------------------
+
+
+SPACE = """
+[search]
+metric = "eval_loss"
+n_startup_trials = 1
+
+[learning_rate]
+type = "float"
+low = 1e-4
+high = 1e-2
+log = true
+
+[r]
+type = "categorical"
+choices = [4, 8]
+
+[target_modules]
+type = "categorical"
+choices = [["q_proj", "v_proj"], "all-linear"]
+
+[warmup_steps]
+type = "int"
+low = 0
+high = 4
+step = 2
+"""
+
+
+def test_space_file_reads_into_params():
+    space = search.parse_space(SPACE, "space.toml")
+    assert [(p.name, p.section, p.kind) for p in space.params] == [
+        ("learning_rate", "train", "float"), ("r", "lora", "categorical"),
+        ("target_modules", "lora", "categorical"), ("warmup_steps", "train", "int")]
+    assert (space.metric, space.direction, space.n_startup_trials) == ("eval_loss", "minimize", 1)
+    one = '\n[r]\ntype = "categorical"\nchoices = [4]'
+    assert search.parse_space('[search]\nmetric = "eval_exact_match"' + one, "s").direction == "maximize"
+    assert search.parse_space('[search]\nmetric = "eval_perplexity"' + one, "s").direction == "minimize"
+    # a list choice is offered to optuna as its label and comes back as the list
+    study = quiet_study()
+    study.enqueue_trial({"target_modules": "q_proj,v_proj"})
+    trial = study.ask()
+    assert space.params[2].suggest(trial) == ["q_proj", "v_proj"]
+    assert trial.params["target_modules"] == "q_proj,v_proj"
+    assert 0 <= space.params[3].suggest(trial) <= 4 and space.params[3].suggest(trial) % 2 == 0
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[learning_rte]\ntype = "float"\nlow = 1\nhigh = 2', r"\[learning_rte\]: not a \[train\] or \[lora\] "
+                                                         r"setting; did you mean 'learning_rate'"),
+    ('[r]\ntype = "choice"\nchoices = [1]', r"\[r\]: expected a table with type"),
+    ('[r]\ntype = "int"\nlow = 8\nhigh = 4', r"\[r\]: low=8 is above high=4"),
+    ('[r]\ntype = "int"\nlow = 4.5\nhigh = 8', r"\[r\]: low must be an integer"),
+    ('[learning_rate]\ntype = "float"\nlow = 0.0\nhigh = 1.0\nlog = true', r"log = true needs low > 0"),
+    ('[r]\ntype = "categorical"\nchoices = []', r"choices must be a non-empty list"),
+    ('[target_modules]\ntype = "categorical"\nchoices = [["q_proj"], "q_proj"]', r"two choices are the same"),
+    ('[r]\ntype = "categorical"\nchoices = [4]\nlow = 1', r"unknown keys \['low'\]"),
+    ('[output_dir]\ntype = "categorical"\nchoices = ["a"]', r"set by the search itself"),
+    ('[search]\nmetrc = "eval_loss"\n[r]\ntype = "categorical"\nchoices = [4]', r"\[search\] has unknown"),
+    ('[search]\nmetric = "eval_loss"', r"no settings to search"),
+    ('[r]\ntype = "categorical"\nchoices = [4', r"invalid TOML"),
+])
+def test_space_file_errors_name_the_table(text, message):
+    with pytest.raises(ConfigError, match=message):
+        search.parse_space(text, "space.toml")
+
+
+def test_every_value_of_the_space_is_checked_against_the_base_before_any_trial():
+    sections = {"train": {}, "lora": {"r": 8}, "model": {}, "data": {}}
+    space = search.parse_space('[warmup_ratio]\ntype = "float"\nlow = 0.0\nhigh = 1.5', "space.toml")
+    with pytest.raises(ConfigError, match=r"space.toml: \[warmup_ratio\] value 1.5: .*must be in \[0, 1\)"):
+        search.check_space(space, sections, "space.toml")
+    space = search.parse_space('[warmup_steps]\ntype = "float"\nlow = 0.0\nhigh = 10.0', "space.toml")
+    with pytest.raises(ConfigError, match=r"\[warmup_steps\] value 0.0"):
+        search.check_space(space, sections, "space.toml")
+
+
+# -- the study ----------------------------------------------------------------------------------------
+
+
+def test_study_resumes_marks_interrupted_trials_and_refuses_another_space(tmp_path):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = search.parse_space(SPACE, "space.toml")
+    sections = {"train": {"max_steps": 4}, "lora": {}, "model": {}, "data": {}}
+    study = search.open_study(tmp_path, space, sections, "median", seed=0)
+    done = study.ask()
+    values = {p.name: p.suggest(done) for p in space.params}
+    study.tell(done, 1.5)
+    killed = study.ask()  # left running, as by a kill
+    for p in space.params:
+        p.suggest(killed)
+    again = search.open_study(tmp_path, space, sections, "median", seed=0)
+    trials = again.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "WAITING"]
+    assert trials[2].params == {} and trials[2].user_attrs == {"retry_of": 1}
+    rerun = again.ask()
+    assert rerun.number == 2 and {p.name: p.suggest(rerun) for p in space.params} == \
+        {p.name: p.value_of(killed.params[p.name]) for p in space.params}
+    assert [t.number for t in search.finished_trials(again)] == [0] and trials[0].params == {
+        p.name: search.label(v) for p, v in zip(space.params, values.values())}
+    other = search.parse_space(SPACE.replace("choices = [4, 8]", "choices = [4, 16]"), "space.toml")
+    with pytest.raises(ConfigError, match=r"study.db holds a study made with other settings \(space.params"):
+        search.open_study(tmp_path, other, sections, "median", seed=0)
+    with pytest.raises(ConfigError, match=r"base.train differ"):
+        search.open_study(tmp_path, space, {**sections, "train": {"max_steps": 5}}, "median", seed=0)
+
+
+def test_one_search_per_folder_at_a_time(tmp_path):
+    with search.search_lock(tmp_path):
+        with pytest.raises(ConfigError, match="another peftloop search is running there"):
+            with search.search_lock(tmp_path):
+                pass
+    with search.search_lock(tmp_path):  # released
+        pass
+
+
+def test_command_errors_are_reported_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    flags = ["--output-dir", str(out)]
+    assert search.main(["--n-trials", "2", "--space", str(tmp_path / "no.toml"), *flags]) == 2
+    assert "space file not found" in capsys.readouterr().err
+    assert search.main(["--n-trials", "2", "--model", str(tmp_path), *flags]) == 2
+    assert "--space is needed" in capsys.readouterr().err
+    assert search.main(["--n-trials", "0", *flags]) == 2
+    assert "--n-trials must be >= 1" in capsys.readouterr().err
+    assert search.main(["--n-trials", "2", "--max_stepz", "3", *flags]) == 2
+    assert "max_stepz" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# -- peftloop search on the demo task -------------------------------------------------------------------
+
+# Two learning rates far apart: with the median pruner, a 1e-5 trial that follows two finished trials
+# is behind their median at its first evaluation.
+DEMO_SPACE = """
+[search]
+n_startup_trials = 2
+
+[learning_rate]
+type = "categorical"
+choices = [3e-3, 1e-5]
+
+[r]
+type = "categorical"
+choices = [2, 4]
+
+[target_modules]
+type = "categorical"
+choices = [["q_proj", "v_proj"], "all-linear"]
+"""
+SHORT = ["--max_steps", "6", "--eval_every", "2", "--micro_batch_size", "8", "--log_every", "6"]
+
+
+def search_argv(tmp_path, n_trials: int, *extra: str) -> list[str]:
+    (tmp_path / "space.toml").write_text(DEMO_SPACE)
+    return ["--space", str(tmp_path / "space.toml"), "--n-trials", str(n_trials),
+            "--output-dir", str(tmp_path / "search"), *SHORT, *extra]
+
+
+def stored_trials(folder):
+    return optuna.load_study(study_name=search.STUDY_NAME, storage=f"sqlite:///{folder / 'study.db'}").trials
+
+
+@pytest.mark.slow
+def test_search_on_the_demo_task_prunes_and_reports_a_best_adapter_that_loads_in_peft(tmp_path, capsys):
+    assert search.main(search_argv(tmp_path, 8, "--pruner", "median")) == 0
+    out = tmp_path / "search"
+    table = json.loads((out / "summary.json").read_text())
+    states = [r["state"] for r in table["trials"]]
+    assert len(states) == 8 and "pruned" in states and "complete" in states, states
+    for row in table["trials"]:
+        if row["state"] == "pruned":
+            assert row["steps"] < 6  # stopped early
+        else:  # the trial's LoRA settings were applied before injection
+            adapter = out / f"trial-{row['trial']}" / "adapter"
+            config = json.loads((adapter / "adapter_config.json").read_text())
+            assert config["r"] == row["params"]["r"] and row["steps"] == 6
+    best = table["best_trial"]
+    assert best["value"] == min(r["value"] for r in table["trials"] if r["state"] == "complete")
+    printed = capsys.readouterr().out
+    assert f"best trial {best['trial']}: eval_loss {best['value']:.4f}" in printed
+    assert f"adapter (PEFT format) -> {best['adapter']}" in printed
+    assert f"| **{best['trial']}** | complete |" in (out / "summary.md").read_text()
+
+    pytest.importorskip("transformers", reason="the 'ref' extra (transformers) is not installed")
+    peft = pytest.importorskip("peft", reason="the 'ref' extra (peft) is not installed")
+    tokens = torch.tensor([[1, 5, 9, 3, 7, 12, 19, 4], [1, 16, 4, 4, 8, 3, 11, 2]])
+    ours = load_adapter(load_pretrained(out / "base"), best["adapter"]).eval()
+    theirs = peft.PeftModel.from_pretrained(load_reference(out / "base"), best["adapter"]).eval()
+    assert not torch.allclose(logits_of(ours, tokens), logits_of(load_pretrained(out / "base"), tokens))
+    torch.testing.assert_close(logits_of(theirs, tokens), logits_of(ours, tokens), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_and_reruns_only_the_interrupted_trial(tmp_path):
+    out = tmp_path / "search"
+    argv = search_argv(tmp_path, 4)
+    proc = subprocess.Popen([sys.executable, "-m", "peftloop.search", *argv], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    try:
+        while not (out / "trial-2").exists():  # trials 0 and 1 are done, trial 2 has started
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the search did not reach trial 2"
+            time.sleep(0.1)
+    finally:
+        proc.kill()  # SIGKILL: no clean-up of any kind
+        proc.wait()
+    before = stored_trials(out)
+    assert [t.state.name for t in before] == ["COMPLETE", "COMPLETE", "RUNNING"]
+
+    assert search.main(argv) == 0
+    after = stored_trials(out)
+    assert [t.state.name for t in after] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    for old in before[:2]:  # the finished trials are kept as they were, not run again
+        new = after[old.number]
+        assert (new.params, new.value, new.datetime_complete) == \
+            (old.params, old.value, old.datetime_complete)
+    assert after[3].user_attrs["retry_of"] == 2 and after[3].params == before[2].params
+    rows = json.loads((out / "summary.json").read_text())["trials"]
+    assert rows[2]["state"] == "interrupted, re-run as 3"
+    # a second run of the same command has nothing left to do
+    assert search.main(argv) == 0 and len(stored_trials(out)) == 5

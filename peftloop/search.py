@@ -1,0 +1,674 @@
+"""Hyperparameter search with optuna: ``peftloop search``.
+
+    peftloop search [--config base.toml] [--space space.toml] --n-trials N [--pruner median]
+                    [--output-dir DIR] [--metric NAME] [--direction minimize|maximize] [--key value ...]
+
+A study over the settings that space.toml names: learning rate, warmup, r, alpha, dropout,
+target modules... Each trial, in order:
+
+  1. the sampler picks the trial's values (``trial.suggest_*``, one per table of space.toml);
+  2. a fresh base model gets LoRA with the trial's [lora] values (they shape the adapters, so
+     they are applied before ``inject_lora``), seeded with [train] seed like every trial, so that
+     trials differ by their settings alone and a re-run trial repeats exactly;
+  3. ``train(..., trial=trial)`` trains with the trial's [train] values over base.toml's, reports
+     every evaluation's metric to the trial, and stops early when the pruner cuts it;
+  4. the final value of the metric is told to the study; the summary is rewritten.
+
+What it writes in OUTPUT (``--output-dir``, else [train] output_dir, else ``peftloop-search``):
+
+    study.db       the study (SQLite). Run the same command again after a kill and it goes on: the
+                   finished trials stay, the trial that was running is marked failed and run again
+                   with the same values, until N trials have finished.
+    trial-K/       trial K's run: log.jsonl, checkpoints, adapter/ (PEFT format)
+    summary.md     every trial: state, value, settings, steps, time, adapter (and summary.json)
+
+base.toml has the sections of ``peftloop train --config`` ([train], [lora], [model], [data]) and
+``--key value`` flags override it. With no [model] name_or_path the search runs on the demo task
+(``peftloop.demo``: reversing strings), with short trials and, without --space, ``DEMO_SPACE``.
+
+space.toml has one table per setting (a [train] or [lora] field; ``"lora.r"`` when a name is in
+both), and an optional [search] table::
+
+    [search]
+    metric = "eval_loss"      # any evaluation metric (eval_exact_match, ...); default eval_loss
+    direction = "minimize"    # default: minimize a *loss or *perplexity, maximize anything else
+    n_startup_trials = 2      # median pruner: trials that finish before any is pruned
+    n_warmup_steps = 0        # median pruner: steps of each trial that are never pruned
+
+    [learning_rate]
+    type = "float"            # "float", "int" or "categorical"
+    low = 1e-4
+    high = 1e-2
+    log = true                # optional: sample on a log scale; `step = ...` for a grid
+
+    [target_modules]
+    type = "categorical"
+    choices = [["q_proj", "v_proj"], "all-linear"]   # a list is stored as "q_proj,v_proj"
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import functools
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomllib
+import torch
+import torch.nn as nn
+
+from peftloop.config import ConfigError, DataConfig, LoraConfig, ModelConfig, TrainConfig
+from peftloop.config_io import build, load_toml, parse_overrides
+from peftloop.data import collate, load_datasets
+from peftloop.demo import (
+    DEMO_LORA,
+    DEMO_TRAIN,
+    base_config,
+    build_tokenizer,
+    random_words,
+    save_tokenizer,
+    to_example,
+)
+from peftloop.hub import resolve_model
+from peftloop.inject import inject_lora
+from peftloop.models import enable_gradient_checkpointing, load_pretrained, save_pretrained
+from peftloop.models.llama import LlamaForCausalLM
+from peftloop.tokenizer import Tokenizer
+from peftloop.train import NonFiniteError, seed_everything, train
+
+try:  # the 'optuna' extra; the rest of peftloop works without it
+    import optuna
+    from optuna.trial import TrialState
+except ImportError:
+    optuna = None
+
+try:  # POSIX: one search at a time per output folder
+    import fcntl
+except ImportError:
+    fcntl = None
+
+SCHEMA = {"train": TrainConfig, "lora": LoraConfig, "model": ModelConfig, "data": DataConfig}
+SEARCHABLE = ("train", "lora")
+"""The sections a space may search: [model] and [data] are loaded once for every trial."""
+NOT_SEARCHABLE = {"output_dir", "resume_from_checkpoint", "base_model_name_or_path"}
+STUDY_NAME = "peftloop-search"
+"""One study per output folder, under a fixed name: running the same command again resumes it."""
+KINDS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
+         "categorical": {"choices"}}
+SETTINGS = {"metric", "direction", "n_startup_trials", "n_warmup_steps"}
+
+# Demo trials are short (the demo trains 300 steps): enough to rank settings and to prune.
+DEMO_SEARCH_TRAIN = {**DEMO_TRAIN, "max_steps": 30, "micro_batch_size": 16, "warmup_steps": 3,
+                     "eval_every": 10, "eval_batch_size": 64, "log_every": 10, "progress_bar": False}
+DEMO_EVAL_WORDS = 64
+DEMO_SPACE = """\
+[learning_rate]
+type = "float"
+low = 3e-4
+high = 1e-2
+log = true
+
+[r]
+type = "categorical"
+choices = [4, 8, 16]
+
+[lora_alpha]
+type = "categorical"
+choices = [8, 16, 32]
+
+[lora_dropout]
+type = "categorical"
+choices = [0.0, 0.1]
+
+[target_modules]
+type = "categorical"
+choices = [["q_proj", "v_proj"], "all-linear"]
+"""
+
+
+def require_optuna() -> None:
+    if optuna is None:
+        raise ConfigError("peftloop search needs optuna: pip install 'peftloop[optuna]'")
+
+
+# ------------------------------------------------------------------------------------------------
+# The space
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched setting: a table of space.toml."""
+
+    name: str
+    section: str
+    """"train" or "lora": where the value goes."""
+    kind: str
+    """"float", "int" or "categorical"."""
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple = ()
+    """The values; a list value (target_modules) is offered to optuna as its comma-joined label."""
+
+    def suggest(self, trial) -> Any:
+        """The trial's value (optuna records it under ``name``)."""
+        if self.kind == "float":
+            return trial.suggest_float(self.name, self.low, self.high, log=self.log, step=self.step)
+        if self.kind == "int":
+            return trial.suggest_int(self.name, self.low, self.high, log=self.log, step=self.step or 1)
+        return self.value_of(trial.suggest_categorical(self.name, [label(c) for c in self.choices]))
+
+    def value_of(self, stored: Any) -> Any:
+        """The setting for a value as optuna stores it (a categorical list comes back as its label)."""
+        if self.kind != "categorical":
+            return stored
+        return next(c for c in self.choices if label(c) == stored)
+
+    def candidates(self) -> list[Any]:
+        """Values to validate the space with: both ends of a range, every choice."""
+        return [self.low, self.high] if self.kind != "categorical" else list(self.choices)
+
+
+@dataclass(frozen=True)
+class Space:
+    params: tuple[Param, ...]
+    metric: str = "eval_loss"
+    direction: str = "minimize"
+    n_startup_trials: int = 2
+    n_warmup_steps: int = 0
+
+    def record(self) -> dict[str, Any]:
+        """What a study remembers of its space, to refuse resuming with another one."""
+        return {"metric": self.metric, "direction": self.direction,
+                "params": [dataclasses.asdict(p) for p in self.params]}
+
+
+def label(choice: Any) -> Any:
+    return ",".join(choice) if isinstance(choice, list) else choice
+
+
+def parse_space(text: str, source: str) -> Space:
+    """A space from the text of space.toml; every error names ``source`` and the table."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: invalid TOML: {e}") from None
+    settings = raw.pop("search", {})
+    unknown = set(settings) - SETTINGS
+    if unknown:
+        raise ConfigError(f"{source}: [search] has unknown keys {sorted(unknown)} "
+                          f"(known: {sorted(SETTINGS)})")
+    params = tuple(_param(name, table, source) for name, table in raw.items())
+    if not params:
+        raise ConfigError(f"{source}: no settings to search (one table per setting, e.g. [learning_rate])")
+    names = [p.name for p in params]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"{source}: a setting is searched twice: {names}")
+    metric = settings.get("metric", "eval_loss")
+    direction = settings.get("direction", default_direction(metric))
+    if direction not in ("minimize", "maximize"):
+        raise ConfigError(f"{source}: [search] direction={direction!r}: expected 'minimize' or 'maximize'")
+    space = Space(params, metric, direction, n_startup_trials=settings.get("n_startup_trials", 2),
+                  n_warmup_steps=settings.get("n_warmup_steps", 0))
+    for key in ("n_startup_trials", "n_warmup_steps"):
+        value = getattr(space, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{source}: [search] {key}={value!r}: expected an integer >= 0")
+    return space
+
+
+def default_direction(metric: str) -> str:
+    return "minimize" if metric.endswith(("loss", "perplexity")) else "maximize"
+
+
+def _param(name: str, table: Any, source: str) -> Param:
+    where = f"{source}: [{name}]"
+    section, key = _owner(name, where)
+    if not isinstance(table, dict) or table.get("type") not in KINDS:
+        raise ConfigError(f"{where}: expected a table with type = \"float\", \"int\" or \"categorical\"")
+    kind = table["type"]
+    unknown = set(table) - KINDS[kind] - {"type"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)} for type {kind!r} "
+                          f"(expected {sorted(KINDS[kind])})")
+    if kind == "categorical":
+        choices = table.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise ConfigError(f"{where}: choices must be a non-empty list")
+        for choice in choices:
+            ok = choice is None or isinstance(choice, (bool, int, float, str)) or \
+                (isinstance(choice, list) and all(isinstance(c, str) for c in choice))
+            if not ok:
+                raise ConfigError(f"{where}: choice {choice!r} must be a number, a string, a boolean "
+                                  "or a list of strings")
+        labels = [label(c) for c in choices]
+        if len(set(map(repr, labels))) < len(labels):
+            raise ConfigError(f"{where}: two choices are the same: {labels}")
+        return Param(key, section, kind, choices=tuple(choices))
+    low, high, number = table.get("low"), table.get("high"), (int,) if kind == "int" else (int, float)
+    for end, value in (("low", low), ("high", high)):
+        if not isinstance(value, number) or isinstance(value, bool):
+            raise ConfigError(f"{where}: {end} must be {'an integer' if kind == 'int' else 'a number'}, "
+                              f"got {value!r}")
+    if low > high:
+        raise ConfigError(f"{where}: low={low} is above high={high}")
+    log, step = table.get("log", False), table.get("step")
+    if log and (low <= 0 or step is not None):
+        raise ConfigError(f"{where}: log = true needs low > 0 and no step")
+    return Param(key, section, kind, low=low, high=high, log=bool(log), step=step)
+
+
+def _owner(name: str, where: str) -> tuple[str, str]:
+    """(section, field) of a space table's name: "r", or "lora.r" when the name is in two sections."""
+    section, _, key = name.rpartition(".")
+    fields = {s: {f.name for f in dataclasses.fields(SCHEMA[s])} for s in SEARCHABLE}
+    owners = [s for s in SEARCHABLE if key in fields[s] and section in ("", s)]
+    if key in NOT_SEARCHABLE:
+        raise ConfigError(f"{where}: {key} is set by the search itself")
+    if not owners:
+        hint = difflib.get_close_matches(key, sorted(fields["train"] | fields["lora"]), n=1)
+        suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise ConfigError(f"{where}: not a [train] or [lora] setting{suggestion}")
+    if len(owners) > 1:
+        raise ConfigError(f"{where}: the name is in [train] and [lora]: "
+                          f"write [\"train.{key}\"] or [\"lora.{key}\"]")
+    return owners[0], key
+
+
+def trial_sections(sections: dict[str, dict], space: Space, values: dict[str, Any]) -> dict[str, dict]:
+    """The base sections with a trial's values (by setting name) in their sections."""
+    out = {name: dict(body) for name, body in sections.items()}
+    for p in space.params:
+        out[p.section][p.name] = values[p.name]
+    return out
+
+
+def check_space(space: Space, sections: dict[str, dict], source: str) -> None:
+    """Every value the space can give makes valid configs with the base: fail now, not at trial 5."""
+    for p in space.params:
+        for value in p.candidates():
+            section = {**sections[p.section], p.name: value}
+            try:
+                build(SCHEMA[p.section], section, p.section, source)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: [{p.name}] value {value!r}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# The task every trial trains on
+
+
+@dataclass
+class Task:
+    """Fresh models from one base, and the data: what every trial trains on."""
+
+    new_model: Callable[[LoraConfig], nn.Module]
+    """A fresh base model with LoRA injected by the given config."""
+    train_data: Any
+    eval_data: Any
+    collate_fn: Callable
+
+
+def demo_task(output_dir: Path, seed: int) -> Task:
+    """The demo's task (``peftloop.demo``): its base model, written to OUTPUT/base, and its data,
+    with a smaller evaluation set so that trials are short."""
+    tokenizer = build_tokenizer()
+    base = LlamaForCausalLM(base_config(tokenizer.get_vocab_size()))
+    base.init_weights(torch.Generator().manual_seed(0))
+    base_dir = output_dir / "base"
+    save_pretrained(base, base_dir)
+    save_tokenizer(tokenizer, base_dir)
+    rng = random.Random(seed)
+    eval_words = random_words(DEMO_EVAL_WORDS, rng)
+    train_words = random_words(4000, rng, exclude=set(eval_words))
+
+    def new_model(lora_config: LoraConfig) -> nn.Module:
+        return inject_lora(load_pretrained(base_dir, dtype="fp32"), lora_config)
+
+    return Task(new_model, [to_example(tokenizer, w) for w in train_words],
+                [to_example(tokenizer, w) for w in eval_words], collate)
+
+
+def pretrained_task(model_config: ModelConfig, data_config: DataConfig, seed: int, source: str) -> Task:
+    """A Hugging Face checkpoint (hub id or folder) and JSONL data, as ``peftloop train`` loads them;
+    the data is read once, the model once per trial."""
+    if not data_config.train_file:
+        raise ConfigError(f"{source}: no training data: set --data (data.train_file)")
+    folder = resolve_model(model_config.name_or_path, model_config.revision, model_config.cache_dir)
+    tokenizer = Tokenizer.from_pretrained(folder)
+    train_data, eval_data = load_datasets(data_config, tokenizer, seed=seed)
+    if eval_data is None:
+        raise ConfigError(f"{source}: a search needs evaluation data to compare trials: set data.eval_file "
+                          "or data.eval_split")
+
+    def new_model(lora_config: LoraConfig) -> nn.Module:
+        model = load_pretrained(folder, dtype=model_config.dtype, quantization=model_config.quantization,
+                                quant_blocksize=model_config.quant_blocksize,
+                                double_quant=model_config.double_quant)
+        if model_config.gradient_checkpointing:
+            enable_gradient_checkpointing(model, offload=model_config.offload_activations)
+        return inject_lora(model, lora_config)
+
+    pad = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
+    return Task(new_model, train_data, eval_data, functools.partial(collate, pad_id=pad))
+
+
+
+def task_defaults(model_config: ModelConfig, output_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """([train], [lora]) values that base.toml's override: the demo's short trials, or what
+    ``peftloop train`` assumes (LoRA on every linear layer but the head)."""
+    if model_config.name_or_path is None:
+        return DEMO_SEARCH_TRAIN, {**DEMO_LORA, "base_model_name_or_path": str(output_dir / "base")}
+    return {}, {"target_modules": "all-linear", "base_model_name_or_path": model_config.name_or_path}
+
+
+# ------------------------------------------------------------------------------------------------
+# The study
+
+
+def open_study(output_dir: Path, space: Space, sections: dict[str, dict], pruner: str, seed: int):
+    """OUTPUT/study.db, created or resumed. A study made with another space, metric or base config
+    is refused. Trials a killed search left running are marked failed and queued to run again
+    with the same values (one search per folder runs at a time: ``search_lock``)."""
+    record = json.loads(json.dumps({"space": space.record(), "base": sections}))
+    study = optuna.create_study(
+        study_name=STUDY_NAME, storage=f"sqlite:///{(output_dir / 'study.db').resolve()}",
+        load_if_exists=True, direction=space.direction,
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=space.n_startup_trials,
+                                           n_warmup_steps=space.n_warmup_steps)
+        if pruner == "median" else optuna.pruners.NopPruner())
+    saved = study.user_attrs.get("peftloop")
+    if saved is None:
+        study.set_user_attr("peftloop", record)
+    elif saved != record:
+        changed = [f"{part}.{key}" for part in ("space", "base") for key in {**saved[part], **record[part]}
+                   if saved[part].get(key) != record[part].get(key)]
+        raise ConfigError(f"{output_dir / 'study.db'} holds a study made with other settings "
+                          f"({', '.join(changed)} differ): search into another --output-dir, or delete it")
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(t.number, state=TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        print(f"[search] trial {t.number} was interrupted: it runs again with the same values")
+    # The sampler's draws depend on the history it sees: seeded by it, a resumed search is reproducible.
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
+    return study
+
+
+def finished_trials(study) -> list:
+    """Trials that count towards --n-trials: complete, pruned, or failed by their own error (a
+    trial failed because the search was killed is run again instead)."""
+    return [t for t in study.get_trials(deepcopy=False)
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            or (t.state == TrialState.FAIL and "error" in t.user_attrs)]
+
+
+def search(study, task: Task, sections: dict[str, dict], space: Space, n_trials: int, output_dir: Path,
+           source: str) -> None:
+    """Ask, run and tell trials until ``n_trials`` have finished; the summary after each."""
+    while len(finished_trials(study)) < n_trials:
+        run_trial(study, study.ask(), task, sections, space, output_dir, source)
+        write_summary(study, space, output_dir)
+
+
+def run_trial(study, trial, task: Task, sections: dict[str, dict], space: Space, output_dir: Path,
+              source: str) -> None:
+    """One trial, told to the study: complete (the metric's final value), pruned, or failed. A
+    diverged trial (NonFiniteError, a NaN metric) fails and the search goes on; any other error
+    fails it and stops the search."""
+    values = {p.name: p.suggest(trial) for p in space.params}
+    trial_dir = output_dir / f"trial-{trial.number}"
+    sections = trial_sections(sections, space, values)
+    train_config = build(TrainConfig, {**sections["train"], "output_dir": str(trial_dir)}, "train", source)
+    lora_config = build(LoraConfig, sections["lora"], "lora", source)
+    trial.set_user_attr("output_dir", str(trial_dir))
+    print(f"[search] trial {trial.number}: {describe(values)}", flush=True)
+    start = time.perf_counter()
+    try:
+        seed_everything(train_config.seed)  # the same seed for every trial: LoRA's init, dropout, data order
+        model = task.new_model(lora_config)
+        result = train(model, task.train_data, task.eval_data, train_config, collate_fn=task.collate_fn,
+                       trial=trial, trial_metric=space.metric)
+        value = result.metrics.get(space.metric)
+        if value is None:
+            raise ConfigError(f"{source}: metric {space.metric!r} is not among the run's metrics "
+                              f"({', '.join(sorted(result.metrics))})")
+        if not math.isfinite(value):
+            raise NonFiniteError(f"{space.metric} is {value}")
+    except optuna.TrialPruned as e:
+        study.tell(trial, state=TrialState.PRUNED)
+        print(f"[search] trial {trial.number}: {e} ({time.perf_counter() - start:.0f} s)", flush=True)
+        return
+    except NonFiniteError as e:
+        trial.set_user_attr("error", f"diverged: {e}")
+        study.tell(trial, state=TrialState.FAIL)
+        print(f"[search] trial {trial.number} failed: diverged: {e}", flush=True)
+        return
+    except Exception as e:
+        trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    trial.set_user_attr("steps", result.global_step)
+    trial.set_user_attr("adapter", str(trial_dir / "adapter"))
+    study.tell(trial, value)
+    print(f"[search] trial {trial.number}: {space.metric} {value:.4f} after {result.global_step} steps "
+          f"({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+def describe(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
+# ------------------------------------------------------------------------------------------------
+# The summary
+
+
+def summary(study, space: Space) -> dict[str, Any]:
+    """Every trial (state, value, settings, steps, seconds, adapter) and the best complete one."""
+    trials = study.get_trials(deepcopy=False)
+    rerun_as = {t.user_attrs["retry_of"]: t.number for t in trials if "retry_of" in t.user_attrs}
+    rows = []
+    for t in trials:
+        state = t.state.name.lower()
+        if t.number in rerun_as:
+            state = f"interrupted, re-run as {rerun_as[t.number]}"
+        elif "error" in t.user_attrs:
+            state = f"failed: {t.user_attrs['error']}"
+        steps = t.user_attrs.get("steps", max(t.intermediate_values, default=None))
+        seconds = t.duration.total_seconds() if t.duration is not None else None
+        rows.append({"trial": t.number, "state": state, "value": t.value, "steps": steps,
+                     "seconds": None if seconds is None else round(seconds, 1),
+                     "params": {p.name: p.value_of(t.params[p.name])
+                                for p in space.params if p.name in t.params},
+                     "adapter": t.user_attrs.get("adapter")})
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = study.best_trial.number if complete else None
+    return {"metric": space.metric, "direction": space.direction, "best": best,
+            "best_trial": next((r for r in rows if r["trial"] == best), None), "trials": rows}
+
+
+def summary_markdown(table: dict[str, Any]) -> str:
+    names = list(dict.fromkeys(k for r in table["trials"] for k in r["params"]))
+    lines = [f"# Search: {table['metric']} ({table['direction']})", ""]
+    best = table["best_trial"]
+    lines += [f"Best: trial {best['trial']}, {table['metric']} {best['value']:.4f}, "
+              f"adapter `{best['adapter']}`" if best else "Best: none yet (no trial has completed)", ""]
+    header = ["trial", "state", table["metric"], "steps", "seconds", *names, "adapter"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in table["trials"]:
+        cells = [f"**{r['trial']}**" if r["trial"] == table["best"] else str(r["trial"]), r["state"],
+                 "" if r["value"] is None else f"{r['value']:.4f}", _cell(r["steps"]), _cell(r["seconds"]),
+                 *[_cell(r["params"].get(n)) for n in names], f"`{r['adapter']}`" if r["adapter"] else ""]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ", ".join(value)
+    return str(value)
+
+
+def write_summary(study, space: Space, output_dir: Path) -> dict[str, Any]:
+    """OUTPUT/summary.md and summary.json, each replaced whole (a kill never leaves half of one)."""
+    table = summary(study, space)
+    for name, text in (("summary.json", json.dumps(table, indent=2) + "\n"),
+                       ("summary.md", summary_markdown(table))):
+        tmp = output_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, output_dir / name)
+    return table
+
+
+class search_lock:
+    """Holds OUTPUT/search.lock while a search runs there: a second one would take the first's
+    running trials for interrupted ones. The lock goes with the process, however it ends."""
+
+    def __init__(self, output_dir: Path):
+        self.path = output_dir / "search.lock"
+
+    def __enter__(self):
+        self.file = self.path.open("w")
+        if fcntl is not None:
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.file.close()
+                raise ConfigError(f"{self.path.parent}: another peftloop search is running there") from None
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# The command
+
+
+def add_search_parser(subparsers) -> argparse.ArgumentParser:
+    """``peftloop search``'s options, on the ``peftloop`` command's subparsers."""
+    p = subparsers.add_parser("search", allow_abbrev=False,
+                              help="search LoRA and training settings with optuna (no model: the demo task)")
+    p.add_argument("--config", help="the base: a TOML file with [train], [lora], [model] and [data] sections")
+    p.add_argument("--space", help="the settings to search: a TOML file, one table per setting "
+                                   "(optional with the demo task)")
+    p.add_argument("--n-trials", type=int, required=True, help="trials to finish (a resumed study counts "
+                                                                "the ones it has)")
+    p.add_argument("--pruner", choices=["none", "median"], default="none",
+                   help="median: stop a trial whose metric is worse than the median of earlier trials "
+                        "at the same step")
+    p.add_argument("--output-dir", help="where the study, the trials and the summary go "
+                                        "(default: [train] output_dir, else peftloop-search)")
+    p.add_argument("--metric", help="the evaluation metric to optimize (default: [search] metric, else "
+                                    "eval_loss)")
+    p.add_argument("--direction", choices=["minimize", "maximize"],
+                   help="default: minimize a loss or perplexity, maximize anything else")
+    p.add_argument("--model", help="base model: a Hugging Face Hub id or a local folder (model.name_or_path)")
+    p.add_argument("--data", help="training data: a JSONL file (data.train_file)")
+    return p
+
+
+def run_search(args, rest: list[str]) -> int:
+    """``peftloop search``: everything is validated before the first trial starts."""
+    require_optuna()
+    source = args.config or "command line"
+    sections: dict[str, dict] = {s: {} for s in SCHEMA}
+    if args.config:
+        for section, values in load_toml(args.config).items():
+            sections[section].update(values)
+    for section, values in parse_overrides(rest, SCHEMA).items():
+        sections[section].update(values)
+    if args.model:
+        sections["model"]["name_or_path"] = args.model
+    if args.data:
+        sections["data"]["train_file"] = args.data
+    output_dir = Path(args.output_dir or sections["train"].pop("output_dir", None) or "peftloop-search")
+    sections["train"].pop("output_dir", None)
+    model_config = build(ModelConfig, sections["model"], "model", source)
+    data_config = build(DataConfig, sections["data"], "data", source)
+    if model_config.name_or_path is None and (sections["model"] or sections["data"]):
+        given = [f"{s}.{k}" for s in ("model", "data") for k in sections[s]]
+        raise ConfigError(f"{source}: {', '.join(given)} given without a model: "
+                          "set --model (model.name_or_path)")
+    space = read_space(args, demo=model_config.name_or_path is None)
+    if args.n_trials < 1:
+        raise ConfigError(f"--n-trials must be >= 1, got {args.n_trials}")
+    train_defaults, lora_defaults = task_defaults(model_config, output_dir)
+    sections["train"] = {**train_defaults, **sections["train"]}
+    sections["lora"] = {**lora_defaults, **sections["lora"]}
+    check_space(space, sections, args.space or "the demo's space")
+    train_config = build(TrainConfig, sections["train"], "train", source)
+    build(LoraConfig, sections["lora"], "lora", source)
+    if args.pruner != "none" and not train_config.eval_every:
+        print("[search] note: train.eval_every is 0: trials are evaluated only at the end, so none is pruned")
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with search_lock(output_dir):
+        study = open_study(output_dir, space, sections, args.pruner, train_config.seed)
+        done = len(finished_trials(study))
+        print(f"[search] {output_dir / 'study.db'}: {done} of {args.n_trials} trials finished; "
+              f"{space.direction} {space.metric} over {', '.join(p.name for p in space.params)}", flush=True)
+        if model_config.name_or_path is None:
+            task = demo_task(output_dir, train_config.seed)
+        else:
+            task = pretrained_task(model_config, data_config, train_config.seed, source)
+        search(study, task, sections, space, args.n_trials, output_dir, source)
+        table = write_summary(study, space, output_dir)
+    best = table["best_trial"]
+    if best is None:
+        print(f"[search] no trial completed (all pruned or failed); summary -> {output_dir / 'summary.md'}")
+        return 1
+    print(f"[search] best trial {best['trial']}: {space.metric} {best['value']:.4f} "
+          f"({describe(best['params'])})")
+    print(f"[search] adapter (PEFT format) -> {best['adapter']}")
+    print(f"[search] summary -> {output_dir / 'summary.md'}")
+    return 0
+
+
+def read_space(args, demo: bool) -> Space:
+    if args.space:
+        try:
+            text = Path(args.space).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"space file not found: {args.space}") from None
+        space = parse_space(text, args.space)
+    elif demo:
+        space = parse_space(DEMO_SPACE, "the demo's space")
+    else:
+        raise ConfigError("--space is needed: a TOML file with one table per setting to search")
+    if args.metric:
+        space = dataclasses.replace(space, metric=args.metric, direction=default_direction(args.metric))
+    if args.direction:
+        space = dataclasses.replace(space, direction=args.direction)
+    return space
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m peftloop.search ARGS``: the same as ``peftloop search ARGS``."""
+    parser = argparse.ArgumentParser(prog="peftloop")
+    add_search_parser(parser.add_subparsers(dest="command", required=True))
+    args, rest = parser.parse_known_args(["search", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return run_search(args, rest)
+    except (ConfigError, FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+        print(f"peftloop: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
