@@ -136,8 +136,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW decoupled weight decay, applied to matrices only (never to biases, norms, DoRA magnitudes)."""
     adam_beta1: float = 0.9
+    """AdamW's decay rate of the gradient's running mean."""
     adam_beta2: float = 0.999
+    """AdamW's decay rate of the squared gradient's running mean."""
     adam_eps: float = 1e-8
+    """AdamW's epsilon, added to the denominator's square root."""
     loraplus_lr_ratio: float = 0.0
     """LoRA+ (Hayou et al. 2024): lora_B's learning rate = ratio x lora_A's. 0 disables; ~16 suggested."""
     lr_scheduler: str = "linear"
@@ -159,9 +162,12 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate every N optimizer steps (0: only at the end, when eval data is given)."""
     eval_batch_size: int = 8
+    """Examples per forward pass during evaluation (per process)."""
     log_every: int = 1
     """Log the mean loss of the last N steps to the console and log.jsonl."""
     progress_bar: bool = True
+    """A progress bar on the console (rank 0) showing the latest log values; false prints each log
+    record as a line instead (log.jsonl is written either way)."""
     report_to: list[str] | str = "none"
     """Where else the log records go, as the Trainer's report_to: "none" (the console and
     log.jsonl only) or "tensorboard" (also TensorBoard event files in output_dir/runs; needs
