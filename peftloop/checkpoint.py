@@ -24,6 +24,7 @@ half of one; a folder without a valid manifest is not a checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import re
@@ -64,14 +65,28 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 def save_adapter(model: nn.Module, directory: str | Path, config: LoraConfig | None = None) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically into ``directory``."""
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically into ``directory``.
+
+    ``base_model_name_or_path``, when the config has none, is what ``load_pretrained`` loaded
+    (``model.name_or_path``: the hub id, or the absolute folder); a relative folder is made
+    absolute, so the adapter finds its base from any working directory."""
     config = config or getattr(model, "lora_config", None)
     if config is None:
         raise ValueError("save_adapter: the model has no LoRA config (inject_lora first, or pass config=)")
+    base = _recorded_base(config.base_model_name_or_path, getattr(model, "name_or_path", None))
+    if base != config.base_model_name_or_path:
+        config = dataclasses.replace(config, base_model_name_or_path=base)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     if not tensors:
         raise ValueError("save_adapter: the model has no adapter tensors")
     return write_adapter(directory, tensors, config)
+
+
+def _recorded_base(given: str | None, loaded: str | None) -> str | None:
+    if given is None:
+        return loaded
+    path = Path(given).expanduser()
+    return str(path.resolve()) if not path.is_absolute() and path.is_dir() else given
 
 
 def write_adapter(directory: str | Path, tensors: dict[str, torch.Tensor], config: LoraConfig) -> Path:

@@ -7,6 +7,10 @@ weights in memory. With ``quantization="nf4"`` every Linear weight but the outpu
 quantised to 4 bits as it is read (``peftloop.nf4``), so the peak is the 4-bit model plus one
 weight in fp32. ``save_pretrained`` writes what transformers' ``from_pretrained`` reads.
 ``enable_gradient_checkpointing(model, offload=False)`` turns on per-layer checkpointing.
+
+A loaded model records what it was loaded from as ``model.name_or_path`` (``source_name``: the
+hub id, or the absolute folder), which ``save_adapter`` writes as the adapter's
+``base_model_name_or_path`` so that the adapter finds its base from any working directory.
 """
 
 from __future__ import annotations
@@ -58,6 +62,13 @@ def read_config_json(folder: str | Path) -> dict:
     if not isinstance(raw, dict):
         raise CheckpointFormatError(f"{path}: expected a JSON object")
     return raw
+
+
+def source_name(name_or_path: str | Path) -> str:
+    """How a loaded model names its checkpoint: the absolute folder for a local folder (as
+    ``resolve_model`` finds it), the hub id as given otherwise."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(name_or_path)
 
 
 def config_from_folder(folder: str | Path):
@@ -179,6 +190,7 @@ def load_pretrained(name_or_path: str | Path, dtype: str | torch.dtype = "fp32",
     # buffers that are not in the checkpoint (RoPE frequencies) are built for real, in fp32
     model.model.rotary_emb.inv_freq = rope_inverse_frequencies(config).to(device)
     model.config.torch_dtype = str(dtype).removeprefix("torch.")
+    model.name_or_path = source_name(name_or_path)  # what save_adapter records as the adapter's base
     return model.eval()
 
 
