@@ -1,4 +1,4 @@
-"""Reading configs from a TOML file and from ``--key value`` command-line flags.
+"""Reading configs from a TOML file and from ``--key value`` command-line flags, and describing them.
 
     [train]                          peftloop train --learning_rate 1e-4 --lora.r 16
     learning_rate = 1e-4
@@ -7,14 +7,30 @@
 
 Sections are the dataclasses of ``config``: [train], [lora], [model], [data]. Unknown sections
 and keys are errors that name the key and suggest the nearest known one.
+
+The flag rules, in one place (``peftloop train --help`` prints them):
+
+- ``-`` and ``_`` are the same in a flag's name: ``--max-steps`` is ``--max_steps``.
+- A field is ``--key`` when its name is in one section, and ``--section.key`` always.
+- The Trainer's (and TRL's) names for the same setting are accepted (``ALIASES``:
+  ``--lr``, ``--per_device_train_batch_size``, ...); those without a 1:1 setting are an error that
+  names the setting to use instead (``POINTERS``: ``--bf16 true`` -> ``--precision bf16``).
+
+``settings()`` lists every field with its type, default and docstring (the string under the
+field in ``config.py``), grouped as ``--help`` and docs/cli.md show them, so neither can drift
+from the dataclasses.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
 import json
 import re
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -22,9 +38,101 @@ from typing import Any
 
 import tomllib
 
-from peftloop.config import ConfigError, type_name
+from peftloop.config import ConfigError, DataConfig, LoraConfig, ModelConfig, TrainConfig, type_name
 
-SECTIONS = ("train", "lora", "model", "data")
+SCHEMA = {"train": TrainConfig, "lora": LoraConfig, "model": ModelConfig, "data": DataConfig}
+SECTIONS = tuple(SCHEMA)
+
+# The [train] fields by the group --help lists them under. A field missing here is still listed
+# (under "training"), and tests/test_cli_help.py fails until it is given its group.
+TRAIN_GROUPS = {
+    "training": ("seed", "num_epochs", "max_steps", "micro_batch_size", "grad_accum", "learning_rate",
+                 "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "loraplus_lr_ratio", "lr_scheduler",
+                 "warmup_steps", "warmup_ratio", "min_lr_ratio", "max_grad_norm", "precision",
+                 "label_smoothing", "shuffle", "device", "nan_policy", "strategy"),
+    "evaluation": ("eval_every", "eval_batch_size", "early_stopping_patience"),
+    "saving": ("output_dir", "save_every", "save_each_epoch", "save_total_limit", "resume_from_checkpoint",
+               "on_save_error"),
+    "logging": ("log_every", "progress_bar", "report_to"),
+}
+# (title, section) in the order --help shows them; a [train] group title is a TRAIN_GROUPS key.
+GROUPS = (("model", "model"), ("LoRA", "lora"), ("data", "data"), ("training", "train"),
+          ("evaluation", "train"), ("saving", "train"), ("logging", "train"))
+
+# Names from transformers' TrainingArguments / from_pretrained, TRL's SFTConfig / ModelConfig and
+# bitsandbytes that mean exactly one peftloop setting: accepted as they are.
+ALIASES = {
+    "lr": "train.learning_rate",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "per_device_eval_batch_size": "train.eval_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "num_train_epochs": "train.num_epochs",
+    "lr_scheduler_type": "train.lr_scheduler",
+    "adam_epsilon": "train.adam_eps",
+    "label_smoothing_factor": "train.label_smoothing",
+    "logging_steps": "train.log_every",
+    "eval_steps": "train.eval_every",
+    "save_steps": "train.save_every",
+    "model_name_or_path": "model.name_or_path",
+    "torch_dtype": "model.dtype",
+    "bnb_4bit_use_double_quant": "model.double_quant",
+    "max_seq_length": "data.max_seq_len",
+    "max_length": "data.max_seq_len",
+    "dataset_text_field": "data.text_field",
+    "lora_r": "lora.r",
+    "lora_target_modules": "lora.target_modules",
+    "lora_modules_to_save": "lora.modules_to_save",
+}
+
+# Names with no 1:1 peftloop setting: refused, with what to write instead. A name that becomes a
+# field of the config is the field from then on (report_to did).
+POINTERS = {
+    "bf16": "mixed precision is one setting in peftloop: --precision bf16 (train.precision: fp32, bf16 or "
+            "fp16); the dtype the frozen base is held in is --dtype bf16 (model.dtype)",
+    "fp16": "mixed precision is one setting in peftloop: --precision fp16 (train.precision: fp32, bf16 or "
+            "fp16); the dtype the frozen base is held in is --dtype fp16 (model.dtype)",
+    "eval_strategy": "peftloop evaluates every N optimizer steps with --eval_every N (train.eval_every; "
+                     "0: only at the end, when there is eval data)",
+    "evaluation_strategy": "peftloop evaluates every N optimizer steps with --eval_every N "
+                           "(train.eval_every; 0: only at the end, when there is eval data)",
+    "save_strategy": "\"steps\" is --save_every N (train.save_every), \"epoch\" is --save_each_epoch true, "
+                     "\"no\" is --save_every 0 (the default)",
+    "optim": "peftloop always uses torch's fused AdamW with fp32 state; its settings are --weight_decay, "
+             "--adam_beta1, --adam_beta2 and --adam_eps, and LoRA+ is --loraplus_lr_ratio",
+    "lr_scheduler_kwargs": "cosine_with_min_lr's {\"min_lr_rate\": x} is --lr_scheduler cosine "
+                           "--min_lr_ratio x",
+    "disable_tqdm": "use --progress_bar false (train.progress_bar: the inverse)",
+    "use_cpu": "use --device cpu (train.device)",
+    "logging_dir": "logs go to OUTPUT/log.jsonl: set --output_dir",
+    "data_seed": "the data order follows --seed (train.seed)",
+    "fsdp": "use --strategy fsdp (train.strategy) under torchrun",
+    "gradient_checkpointing_kwargs": "nothing to pass: --gradient_checkpointing true is always "
+                                     "non-reentrant",
+    "load_best_model_at_end": "no counterpart: --early_stopping_patience N stops on the eval loss; "
+                              "pick a checkpoint-N yourself",
+    "load_in_4bit": "use --quantization nf4 (model.quantization: NF4 with --double_quant, QLoRA's recipe)",
+    "bnb_4bit_quant_type": "use --quantization nf4 (model.quantization; nf4 is the only 4-bit type)",
+    "bnb_4bit_compute_dtype": "use --dtype bf16 (model.dtype: the dtype of everything that is not 4-bit, "
+                              "and of the 4-bit layers' computation)",
+}
+
+# Values of other libraries that mean exactly one of ours, per field (the CLI translates them).
+VALUE_SYNONYMS = {
+    "train.lr_scheduler": {"constant_with_warmup": "constant"},
+    "train.precision": {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"},
+    "model.dtype": {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"},
+}
+
+FLAG_RULES = """\
+--key value (or --key=value) sets one field of the sections below; a --config TOML file holds the
+same keys under [model], [lora], [data] and [train], and flags override it.
+  - A flag's - and _ are the same: --max_steps and --max-steps are one flag (this list uses _).
+  - Every field is also --section.key (--lora.r 8). A name that is in two sections must be written
+    so; under torchrun write it so too (torchrun reads a bare --r as an abbreviation of its own flags).
+  - Values: true/false (a boolean flag alone means true), none, comma-separated lists
+    (q_proj,v_proj), JSON objects ('{"q_proj": 16}').
+  - The Trainer's names listed as "also" are accepted as they are; the Trainer flags at the end have
+    no 1:1 setting and are refused with the setting to use."""
 
 
 def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -44,63 +152,127 @@ def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def build(cls, values: dict[str, Any], section: str, source: str = "config"):
-    """cls(**values), with unknown keys named (and the nearest known key suggested)."""
+    """cls(**values), with unknown keys named (a Trainer name gets the key to write instead, any
+    other the nearest known key)."""
     names = [f.name for f in dataclasses.fields(cls)]
     for key in values:
-        if key not in names:
-            hint = difflib.get_close_matches(key, names, n=1)
-            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-            raise ConfigError(f"{source}: unknown key {section}.{key}{suggestion}")
+        if key in names:
+            continue
+        if ALIASES.get(key, "").startswith(f"{section}."):
+            raise ConfigError(f"{source}: unknown key {section}.{key}: peftloop's name for it is "
+                              f"{ALIASES[key].split('.', 1)[1]}")
+        if key in POINTERS:
+            raise ConfigError(f"{source}: unknown key {section}.{key}: {POINTERS[key]}")
+        hint = difflib.get_close_matches(key, names, n=1)
+        suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise ConfigError(f"{source}: unknown key {section}.{key}{suggestion}")
     try:
         return cls(**values)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 
 
-def parse_overrides(pairs: list[str], schema: dict[str, type]) -> dict[str, dict[str, Any]]:
-    """Turn ``["--learning_rate", "1e-4", "--lora.r", "16"]`` into {section: {key: value}}.
+def canonical_flag(arg: str) -> str:
+    """``--max-steps=3`` -> ``--max_steps=3``: the one spelling of a flag's name (the value is kept)."""
+    if not arg.startswith("--") or arg == "--":
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    return f"--{name.replace('-', '_')}{eq}{value}"
 
-    A key may be given bare when it is unique across sections, or as ``section.key``.
-    Values are parsed by the declared type of the field (bool: true/false/1/0; lists: comma-separated).
-    """
-    out: dict[str, dict[str, Any]] = {}
+
+def _owners(schema: dict[str, type]) -> dict[str, list[str]]:
     owners: dict[str, list[str]] = {}
     for section, cls in schema.items():
         for f in dataclasses.fields(cls):
             owners.setdefault(f.name, []).append(section)
+    return owners
+
+
+def resolve_flag(name: str, schema: dict[str, type] = SCHEMA) -> tuple[str, str]:
+    """(section, field) of a flag name (without ``--``, ``_`` spelling): a field, ``section.field``,
+    or a Trainer alias. A Trainer name without a 1:1 setting is a ConfigError saying what to use."""
+    owners = _owners(schema)
+    if "." in name:
+        section, key = name.split(".", 1)
+        if section not in schema:
+            raise ConfigError(f"--{name}: unknown section {section!r} (expected one of {', '.join(schema)})")
+        if section in owners.get(key, []):
+            return section, key
+        if ALIASES.get(key, "").startswith(f"{section}."):
+            return section, ALIASES[key].split(".", 1)[1]
+        if key in POINTERS:
+            raise ConfigError(f"--{name}: {POINTERS[key]}")
+        hint = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(schema[section])], n=1)
+        raise ConfigError(f"unknown option --{name}"
+                          + (f"; did you mean --{section}.{hint[0]}?" if hint else ""))
+    sections = owners.get(name, [])
+    if len(sections) == 1:
+        return sections[0], name
+    if len(sections) > 1:
+        raise ConfigError(f"--{name} is ambiguous: use one of "
+                          + ", ".join(f"--{s}.{name}" for s in sections))
+    if name in ALIASES and ALIASES[name].split(".")[0] in schema:
+        section, key = ALIASES[name].split(".", 1)
+        return section, key
+    if name in POINTERS:
+        raise ConfigError(f"--{name}: {POINTERS[name]}")
+    known = list(owners) + [a for a, target in ALIASES.items() if target.split(".")[0] in schema]
+    hint = difflib.get_close_matches(name, known, n=1)
+    raise ConfigError(f"unknown option --{name}" + (f"; did you mean --{hint[0]}?" if hint else ""))
+
+
+def parse_overrides(pairs: list[str], schema: dict[str, type] = SCHEMA) -> dict[str, dict[str, Any]]:
+    """Turn ``["--learning_rate", "1e-4", "--lora.r", "16"]`` into {section: {key: value}}.
+
+    A key may be given bare when it is unique across sections, or as ``section.key``; ``-`` and
+    ``_`` are the same in it, and the Trainer's aliases are accepted (``resolve_flag``). Values are
+    parsed by the declared type of the field (bool: true/false/1/0, or the flag alone; lists:
+    comma-separated; dicts: JSON). The last of repeated flags wins.
+    """
+    out: dict[str, dict[str, Any]] = {}
     i = 0
     while i < len(pairs):
-        flag = pairs[i]
-        if not flag.startswith("--"):
-            raise ConfigError(f"expected --key value, got {flag!r}")
-        key, _, inline = flag[2:].replace("-", "_").partition("=")
-        if inline:
+        flag = canonical_flag(pairs[i])
+        if not flag.startswith("--") or flag == "--":
+            raise ConfigError(f"expected --key value, got {pairs[i]!r}")
+        name, eq, inline = flag[2:].partition("=")
+        section, key = resolve_flag(name, schema)
+        tp = typing.get_type_hints(schema[section])[key]
+        if eq:
             value, i = inline, i + 1
+        elif tp is bool and (i + 1 >= len(pairs) or pairs[i + 1].startswith("--")):
+            value, i = "true", i + 1  # a boolean flag alone: --packing
+        elif i + 1 >= len(pairs):
+            raise ConfigError(f"--{name} needs a value")
         else:
-            if i + 1 >= len(pairs):
-                raise ConfigError(f"--{key} needs a value")
             value, i = pairs[i + 1], i + 2
-        if "." in key:
-            section, key = key.split(".", 1)
-            if section not in schema:
-                raise ConfigError(f"--{section}.{key}: unknown section {section!r}")
-        else:
-            sections = owners.get(key, [])
-            if not sections:
-                names = list(owners)
-                hint = difflib.get_close_matches(key, names, n=1)
-                raise ConfigError(f"unknown option --{key}"
-                                  + (f"; did you mean --{hint[0]}?" if hint else ""))
-            if len(sections) > 1:
-                raise ConfigError(f"--{key} is ambiguous: use one of "
-                                  + ", ".join(f"--{s}.{key}" for s in sections))
-            section = sections[0]
-        cls = schema[section]
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if key not in fields:
-            raise ConfigError(f"unknown option --{section}.{key}")
-        out.setdefault(section, {})[key] = _parse_value(value, typing.get_type_hints(cls)[key], f"--{key}")
+        out.setdefault(section, {})[key] = parse_value(section, key, value, tp, f"--{name}")
     return out
+
+
+def parse_value(section: str, key: str, text: str, tp, flag: str):
+    """One flag's text as the field's value; the other libraries' spellings of a value that mean
+    one of ours are translated, the ones that do not are answered with what to write."""
+    text = VALUE_SYNONYMS.get(f"{section}.{key}", {}).get(text.strip().lower(), text)
+    pointer = _value_pointer(f"{section}.{key}", text)
+    if pointer:
+        raise ConfigError(f"{flag} {text}: {pointer}")
+    return _parse_value(text, tp, flag)
+
+
+def _value_pointer(field: str, text: str) -> str | None:
+    """What to write instead of a value that is valid for the Trainer and means something else here."""
+    try:
+        number = float(text)
+    except ValueError:
+        number = None
+    if field == "train.warmup_steps" and number is not None and 0 < number < 1:
+        return f"a fraction of the steps (transformers 5.x's reading) is --warmup_ratio {text} here"
+    if field == "train.num_epochs" and number is not None and not number.is_integer():
+        return "peftloop runs whole epochs: set --max_steps N for part of one"
+    if field == "train.lr_scheduler" and text.strip().lower() == "cosine_with_min_lr":
+        return "use --lr_scheduler cosine --min_lr_ratio x (the floor as a fraction of the peak)"
+    return None
 
 
 def _parse_value(text: str, tp, flag: str):
@@ -116,7 +288,8 @@ def _parse_value(text: str, tp, flag: str):
             try:
                 return int(text)
             except ValueError:
-                pass
+                if re.fullmatch(r"\s*\d+\.0*\s*", text):  # "3.0", as num_train_epochs is often written
+                    return int(float(text))
         if cand is float:
             try:
                 return float(text)
@@ -135,3 +308,141 @@ def _parse_value(text: str, tp, flag: str):
     if str in candidates:
         return text
     raise ConfigError(f"{flag}={text!r}: expected {type_name(tp)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Describing the settings (--help, docs/cli.md)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One field as the CLI shows it."""
+
+    section: str
+    name: str
+    flag: str
+    """``--name``, or ``--section.name`` when the name is in two sections."""
+    type: str
+    default: str
+    doc: str
+    also: tuple[str, ...]
+    """Other flags that set it: the Trainer's aliases, the command's own (``--model``)."""
+
+
+@functools.cache
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass (the string literal after its annotation),
+    as one paragraph. Empty when the source cannot be read."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    body = ast.parse(source).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def type_label(tp) -> str:
+    """``list[str] | str | None`` -> ``list[str] or str or none``."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    return " or ".join("none" if a is type(None) else type_name(a) for a in args)
+
+
+def format_value(value) -> str:
+    """A default as it is written on the command line or in TOML: none, true, 0.0002, "linear"."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, list, dict)):
+        return json.dumps(value)
+    return repr(value)
+
+
+def train_group(name: str) -> str:
+    return next((group for group, names in TRAIN_GROUPS.items() if name in names), "training")
+
+
+def settings(schema: dict[str, type] = SCHEMA, also: dict[str, tuple[str, ...]] | None = None,
+             defaults: dict[str, Any] | None = None) -> list[tuple[str, str, list[Setting]]]:
+    """(group title, section, settings) in the order --help lists them. ``also``: extra flags that
+    set a field, by ``section.name`` (the command's ``--model``, ``--data``); ``defaults``: the
+    command's own defaults where they differ from the dataclass's (shown with both)."""
+    owners = _owners(schema)
+    grouped: dict[str, list[Setting]] = {title: [] for title, _ in GROUPS}
+    for section, cls in schema.items():
+        hints, docs = typing.get_type_hints(cls), field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = (f.default if f.default is not dataclasses.MISSING
+                       else f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            flag = f"--{f.name}" if len(owners[f.name]) == 1 else f"--{section}.{f.name}"
+            aliases = [f"--{a}" for a, target in ALIASES.items()
+                       if target == f"{section}.{f.name}" and a not in owners]
+            shown = format_value(default)
+            if f"{section}.{f.name}" in (defaults or {}):
+                shown = f"{format_value(defaults[f'{section}.{f.name}'])} ({cls.__name__}: {shown})"
+            setting = Setting(section, f.name, flag, type_label(hints[f.name]), shown,
+                              docs.get(f.name, ""), (*(also or {}).get(f"{section}.{f.name}", ()), *aliases))
+            title = train_group(f.name) if section == "train" else next(t for t, s in GROUPS if s == section)
+            grouped[title].append(setting)
+    return [(title, section, grouped[title]) for title, section in GROUPS if grouped[title]]
+
+
+def pointers(schema: dict[str, type] = SCHEMA) -> dict[str, str]:
+    """The POINTERS that are in force (a name that has become a field is the field)."""
+    owners = _owners(schema)
+    return {name: text for name, text in POINTERS.items() if name not in owners}
+
+
+def settings_help(schema: dict[str, type] = SCHEMA, also: dict[str, tuple[str, ...]] | None = None,
+                  defaults: dict[str, Any] | None = None, width: int = 100) -> str:
+    """The settings part of ``peftloop train --help``: the rules, then every field by group."""
+    lines = [FLAG_RULES]
+    for title, section, group in settings(schema, also, defaults):
+        lines += ["", f"{title} [{section}]:"]
+        for s in group:
+            extra = f"; also {', '.join(s.also)}" if s.also else ""
+            lines.append(f"  {s.flag} ({s.type}, default {s.default}{extra})")
+            if s.doc:
+                lines += textwrap.wrap(s.doc, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    lines += ["", "Trainer flags with no 1:1 setting (refused with what to use instead):"]
+    for name, text in pointers(schema).items():
+        lines += textwrap.wrap(f"--{name}: {text}", width, initial_indent="  ", subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("<", "&lt;")
+
+
+def settings_markdown(schema: dict[str, type] = SCHEMA, also: dict[str, tuple[str, ...]] | None = None,
+                      defaults: dict[str, Any] | None = None) -> str:
+    """Every setting as Markdown tables, one per group (docs/cli.md)."""
+    lines: list[str] = []
+    for title, section, group in settings(schema, also, defaults):
+        lines += [f"### {title[0].upper()}{title[1:]} `[{section}]`", "",
+                  "| flag | type | default | what it sets |", "|---|---|---|---|"]
+        for s in group:
+            flags = " ".join(f"`{flag}`" for flag in (s.flag, *s.also))
+            lines.append(f"| {flags} | `{s.type}` | `{s.default}` | {_md(s.doc)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def trainer_flags_markdown(schema: dict[str, type] = SCHEMA) -> str:
+    """The Trainer's (and TRL's) flags and what peftloop does with each (docs/cli.md, docs/migration.md)."""
+    owners = _owners(schema)
+    lines = ["| flag | peftloop |", "|---|---|"]
+    for name, target in ALIASES.items():
+        if name not in owners:
+            key = target.split(".", 1)[1]
+            flag = f"--{key}" if len(owners.get(key, [])) == 1 else f"--{target}"
+            lines.append(f"| `--{name}` | accepted: `{flag}` (`{target}`) |")
+    for name, text in pointers(schema).items():
+        lines.append(f"| `--{name}` | refused: {_md(text)} |")
+    return "\n".join(lines) + "\n"

@@ -6,8 +6,11 @@ import json
 import pytest
 import torch
 
+from peftloop import LoraConfig, inject_lora, load_adapter, save_adapter
 from peftloop.cli import main
+from peftloop.generate import generate, generate_text
 from peftloop.models import load_pretrained
+from peftloop.tokenizer import Tokenizer
 from tests.helpers import QA, assert_merged_logits_close, qa_records, save_chat_base, write_jsonl
 from tests.hf_builders import FAMILIES, build_checkpoint, load_reference
 
@@ -98,8 +101,6 @@ def test_generate_errors(base, capsys):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_merge_writes_a_checkpoint_transformers_loads_with_our_logits(tmp_path, family, capsys):
     pytest.importorskip("peft", reason="the 'ref' extra is not installed")
-    from peftloop import LoraConfig, inject_lora, save_adapter
-
     folder = build_checkpoint(tmp_path / "base", family, seed=3)
     model = load_pretrained(folder)
     inject_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
@@ -117,3 +118,87 @@ def test_merge_writes_a_checkpoint_transformers_loads_with_our_logits(tmp_path, 
     assert_merged_logits_close(merged_in_peftloop, ours)
     with torch.no_grad():  # the adapter did change the model, so the comparison means something
         assert (load_pretrained(folder)(ids) - ours).abs().max() > 1e-2
+
+
+# --------------------------------------------------------------------------------------------
+# peftloop generate --prompts FILE.jsonl --out FILE.jsonl
+
+
+@pytest.fixture
+def adapter(base, tmp_path):
+    """A random (B != 0) adapter on the chat base, so that it changes the output."""
+    folder = tmp_path / "adapter"
+    save_adapter(inject_lora(load_pretrained(base), LoraConfig(r=4, target_modules="all-linear",
+                                                               init_lora_weights=False)), folder)
+    return folder
+
+
+PROMPTS = [{"prompt": "Q: What do bees make?\nA:", "completion": " honey"},  # extra fields are ignored
+           {"messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": "Name a river."}]},
+           {"prompt": "Once"},
+           {"prompt": [{"role": "user", "content": "Hello"}]}]  # a conversational prompt
+
+
+def test_generate_a_file_of_prompts_into_a_jsonl_file(base, adapter, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    out = tmp_path / "results" / "completions.jsonl"
+    argv = ["generate", "--adapter", str(adapter), "--prompts", str(prompts), "--max-new-tokens", "5"]
+    assert main([*argv, "--out", str(out), "--batch-size", "2", "--compare"]) == 0
+    assert f"4 completions -> {out}" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [sorted(row) for row in rows] == [["base_completion", "completion", "prompt"],
+                                             ["base_completion", "completion", "messages"],
+                                             ["base_completion", "completion", "prompt"],
+                                             ["base_completion", "completion", "prompt"]]
+    assert [row.get("prompt", row.get("messages")) for row in rows] == [
+        r.get("prompt", r.get("messages")) for r in PROMPTS]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["completions.jsonl"]  # no temporary file left
+
+    # what generate_text / the chat template give for the same prompts, in the same batches of 2
+    model = load_adapter(load_pretrained(base), adapter)
+    tokenizer = Tokenizer.from_pretrained(base)
+    texts = generate_text(model, tokenizer, ["Q: What do bees make?\nA:", "Once"], 5)
+    assert [r["completion"] for r in rows[0::2]] == texts
+    chats = [tokenizer.apply_chat_template(PROMPTS[i].get("messages") or PROMPTS[i]["prompt"],
+                                           add_generation_prompt=True) for i in (1, 3)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    new = generate(model, chats, 5, eos_token_id=tokenizer.stop_token_ids, pad_token_id=pad)
+    assert [r["completion"] for r in rows[1::2]] == [tokenizer.decode(ids) for ids in new]
+    assert any(r["completion"] != r["base_completion"] for r in rows)  # the adapter is applied
+
+    # without --out: the same lines on the console
+    assert main([*argv, "--batch_size", "2", "--compare"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed == rows
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"prompt": "fine"}', '{"prompt": '], "prompts.jsonl:2: invalid JSON"),
+    (['{"text": "a"}'], "prompts.jsonl:1: expected a non-empty \"prompt\" string or \"messages\" list "
+                        "(the record has 'text')"),
+    (['{"prompt": ""}'], "prompts.jsonl:1: expected a non-empty \"prompt\""),
+    (['{"messages": [{"role": "user"}]}'], "prompts.jsonl:1: messages[0] is not a {\"role\": str, "
+                                           "\"content\": str} message"),
+    ([], "prompts.jsonl: no records"),
+])
+def test_a_bad_prompts_file_is_named_by_line_and_nothing_is_written(base, tmp_path, capsys, lines, message):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(line + "\n" for line in lines))
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", str(base), "--prompts", str(prompts), "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "give the prompts with --prompt TEXT (repeatable) or --prompts FILE.jsonl"),
+    (["--prompt", "x", "--prompts", "p.jsonl"], "give the prompts with --prompt TEXT"),
+    (["--prompts", "missing.jsonl"], "--prompts missing.jsonl: no such file"),
+    (["--prompt", "x", "--batch-size", "0"], "--batch_size must be >= 1, got 0"),
+    (["--prompt", "x", "--out", "{tmp}"], "is a folder: give the JSONL file to write"),
+])
+def test_generate_input_errors(base, tmp_path, capsys, argv, message):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert main(["generate", "--model", str(base), *argv]) == 2
+    assert message in capsys.readouterr().err
