@@ -138,8 +138,7 @@ def run_demo(output_dir: str | Path = "peftloop-demo", train_overrides: dict | N
     before, _ = exact_match(model, tokenizer, test_words)
 
     # 4. LoRA + training
-    inject_lora(model, lora_config)
-    model.lora_config.base_model_name_or_path = str(base_dir)
+    inject_lora(model, lora_config)  # records base_model_name_or_path: the absolute base_dir
     print(f"[demo] {describe_trainable(model)}")
     result = train(model, train_data, eval_data, train_config)
 

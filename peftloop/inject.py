@@ -62,7 +62,8 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     ``modules_to_save`` in trainable copies. Works in place and returns the model.
 
     The resolved config is stored as ``model.lora_config``: with "all-linear" its
-    ``target_modules`` becomes the list of matched layer names (PEFT writes the same).
+    ``target_modules`` becomes the list of matched layer names (PEFT writes the same), and an unset
+    ``base_model_name_or_path`` becomes what ``load_pretrained`` loaded (``model.name_or_path``).
     ``use_dora`` adds DoRA magnitudes; ``init_lora_weights="pissa"``/``"olora"`` changes the base
     weights (see ``peftloop.lora``).
     """
@@ -80,6 +81,9 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         replace_module(model, name, TrainableCopy(model.get_submodule(name)))
     if config.target_modules == "all-linear":
         config = dataclasses.replace(config, target_modules=sorted({n.split(".")[-1] for n in targets}))
+    if config.base_model_name_or_path is None and getattr(model, "name_or_path", None):
+        # what load_pretrained loaded (a hub id or an absolute folder), so the adapter finds its base
+        config = dataclasses.replace(config, base_model_name_or_path=model.name_or_path)
     model.lora_config = config
     return model
 

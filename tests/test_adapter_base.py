@@ -140,3 +140,15 @@ def test_generate_needs_a_model_or_an_adapter(capsys):
     assert main(["generate", "--prompt", "x"]) == 2
     assert "--model is required (or --adapter DIR, whose adapter_config.json names its base)" in (
         capsys.readouterr().err)
+
+
+def test_the_library_recipe_records_the_base_in_the_trained_adapter(base, tmp_path, monkeypatch):
+    """load_pretrained -> inject_lora -> train: the adapter train() writes names its base too."""
+    from peftloop import TrainConfig, train
+
+    monkeypatch.chdir(base.parent)
+    model = with_lora(load_pretrained(base.name))
+    assert model.lora_config.base_model_name_or_path == str(base.resolve())
+    examples = [{"input_ids": [1, 4, 5, 6, 3], "labels": [-100, -100, 5, 6, 3]}] * 4
+    train(model, examples, config=TrainConfig(output_dir=str(tmp_path / "run"), max_steps=1, progress_bar=False))
+    assert adapter_base(tmp_path / "run" / "adapter") == str(base.resolve())
