@@ -150,5 +150,6 @@ def test_the_library_recipe_records_the_base_in_the_trained_adapter(base, tmp_pa
     model = with_lora(load_pretrained(base.name))
     assert model.lora_config.base_model_name_or_path == str(base.resolve())
     examples = [{"input_ids": [1, 4, 5, 6, 3], "labels": [-100, -100, 5, 6, 3]}] * 4
-    train(model, examples, config=TrainConfig(output_dir=str(tmp_path / "run"), max_steps=1, progress_bar=False))
+    config = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=1, progress_bar=False)
+    train(model, examples, config=config)
     assert adapter_base(tmp_path / "run" / "adapter") == str(base.resolve())
