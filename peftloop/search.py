@@ -582,8 +582,9 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def run_search(args, rest: list[str]) -> int:
-    """``peftloop search``: everything is validated before the first trial starts."""
+def run_search(args, rest: list[str], check_only: bool = False) -> int:
+    """``peftloop search``: everything is validated before the first trial starts. ``check_only``:
+    validate the config, the space and every value it can give, then return (nothing written)."""
     require_optuna()
     source = args.config or "command line"
     sections: dict[str, dict] = {s: {} for s in SCHEMA}
@@ -613,6 +614,8 @@ def run_search(args, rest: list[str]) -> int:
     check_space(space, sections, args.space or "the demo's space")
     train_config = build(TrainConfig, sections["train"], "train", source)
     build(LoraConfig, sections["lora"], "lora", source)
+    if check_only:
+        return 0
     if args.pruner != "none" and not train_config.eval_every:
         print("[search] note: train.eval_every is 0: trials are evaluated only at the end, so none is pruned")
 

@@ -495,7 +495,7 @@ def trial_pruned(step: int, metric: str, metrics: dict[str, Any]) -> Exception:
     """The exception optuna expects from a pruned trial (``study.optimize`` records it as PRUNED)."""
     import optuna  # optional (the 'optuna' extra); only a pruned optuna.Trial gets here
 
-    return optuna.TrialPruned(f"pruned after step {step} ({metric} {metrics.get(metric)})")
+    return optuna.TrialPruned(f"pruned after step {step} ({metric} {float(metrics[metric]):.4f})")
 
 
 def require_adapters(model: nn.Module) -> LoraConfig:

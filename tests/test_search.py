@@ -9,10 +9,12 @@ adapter loads in peft.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +30,8 @@ from tests.helpers import logits_of, tiny_model, toy_examples
 from tests.hf_builders import load_reference
 
 optuna = pytest.importorskip("optuna", reason="the 'optuna' extra is not installed")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def lora_model(**lora):
@@ -279,6 +283,28 @@ def test_command_errors_are_reported_before_any_work(tmp_path, capsys):
     assert search.main(["--n-trials", "2", "--max_stepz", "3", *flags]) == 2
     assert "max_stepz" in capsys.readouterr().err
     assert not out.exists()
+
+
+
+def docs_block(after: str) -> str:
+    """The fenced block that follows the line holding ``after``, on the page of the search docs."""
+    pages = [ROOT / "docs" / "tracking-and-search.md", ROOT / "docs" / "search.md"]
+    text = next(t for t in (p.read_text() for p in pages if p.exists()) if after in t)
+    fence = text.index("```", text.index(after))
+    body = text.index("\n", fence) + 1
+    return text[body:text.index("```", body)]
+
+
+def test_the_documented_space_fits_the_documented_base(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("space.toml").write_text(docs_block("docs-test: skip a search space"))
+    Path("base.toml").write_text(docs_block("docs-test: file base.toml"))
+    parser = argparse.ArgumentParser()
+    search.add_search_parser(parser.add_subparsers(dest="command"))
+    args, rest = parser.parse_known_args(["search", "--config", "base.toml", "--space", "space.toml",
+                                          "--n-trials", "20", "--pruner", "median"])
+    assert search.run_search(args, rest, check_only=True) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.toml", "space.toml"]  # nothing written
 
 
 # -- peftloop search on the demo task -------------------------------------------------------------------
