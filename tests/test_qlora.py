@@ -231,7 +231,6 @@ def hf_base(tmp_path_factory):
                           tie_word_embeddings=False)
 
 
-@pytest.mark.slow
 def test_cli_trains_qlora_with_dora_checkpointing_and_loraplus_then_merges(hf_base, tmp_path, capsys):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Q: {q}\nA:", "completion": f" {a}"}) + "\n"
