@@ -86,12 +86,6 @@ from peftloop.models.llama import LlamaForCausalLM
 from peftloop.tokenizer import Tokenizer
 from peftloop.train import NonFiniteError, seed_everything, train
 
-try:  # the 'optuna' extra; the rest of peftloop works without it
-    import optuna
-    from optuna.trial import TrialState
-except ImportError:
-    optuna = None
-
 try:  # POSIX: one search at a time per output folder
     import fcntl
 except ImportError:
@@ -136,9 +130,14 @@ choices = [["q_proj", "v_proj"], "all-linear"]
 """
 
 
-def require_optuna() -> None:
-    if optuna is None:
-        raise ConfigError("peftloop search needs optuna: pip install 'peftloop[optuna]'")
+def require_optuna():
+    """The optuna module. Imported here, not at the top: ``peftloop`` imports this module for its
+    command line, and every other command would pay for importing optuna (half a second)."""
+    try:
+        import optuna  # the 'optuna' extra
+    except ImportError:
+        raise ConfigError("peftloop search needs optuna: pip install 'peftloop[optuna]'") from None
+    return optuna
 
 
 # ------------------------------------------------------------------------------------------------
@@ -381,6 +380,7 @@ def open_study(output_dir: Path, space: Space, sections: dict[str, dict], pruner
     """OUTPUT/study.db, created or resumed. A study made with another space, metric or base config
     is refused. Trials a killed search left running are marked failed and queued to run again
     with the same values (one search per folder runs at a time: ``search_lock``)."""
+    optuna = require_optuna()
     record = json.loads(json.dumps({"space": space.record(), "base": sections}))
     study = optuna.create_study(
         study_name=STUDY_NAME, storage=f"sqlite:///{(output_dir / 'study.db').resolve()}",
@@ -396,8 +396,8 @@ def open_study(output_dir: Path, space: Space, sections: dict[str, dict], pruner
                    if saved[part].get(key) != record[part].get(key)]
         raise ConfigError(f"{output_dir / 'study.db'} holds a study made with other settings "
                           f"({', '.join(changed)} differ): search into another --output-dir, or delete it")
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study.tell(t.number, state=TrialState.FAIL)
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
         print(f"[search] trial {t.number} was interrupted: it runs again with the same values")
     # The sampler's draws depend on the history it sees: seeded by it, a resumed search is reproducible.
@@ -409,8 +409,7 @@ def finished_trials(study) -> list:
     """Trials that count towards --n-trials: complete, pruned, or failed by their own error (a
     trial failed because the search was killed is run again instead)."""
     return [t for t in study.get_trials(deepcopy=False)
-            if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-            or (t.state == TrialState.FAIL and "error" in t.user_attrs)]
+            if t.state.name in ("COMPLETE", "PRUNED") or (t.state.name == "FAIL" and "error" in t.user_attrs)]
 
 
 def search(study, task: Task, sections: dict[str, dict], space: Space, n_trials: int, output_dir: Path,
@@ -426,6 +425,7 @@ def run_trial(study, trial, task: Task, sections: dict[str, dict], space: Space,
     """One trial, told to the study: complete (the metric's final value), pruned, or failed. A
     diverged trial (NonFiniteError, a NaN metric) fails and the search goes on; any other error
     fails it and stops the search."""
+    optuna = require_optuna()
     values = {p.name: p.suggest(trial) for p in space.params}
     trial_dir = output_dir / f"trial-{trial.number}"
     sections = trial_sections(sections, space, values)
@@ -446,17 +446,17 @@ def run_trial(study, trial, task: Task, sections: dict[str, dict], space: Space,
         if not math.isfinite(value):
             raise NonFiniteError(f"{space.metric} is {value}")
     except optuna.TrialPruned as e:
-        study.tell(trial, state=TrialState.PRUNED)
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         print(f"[search] trial {trial.number}: {e} ({time.perf_counter() - start:.0f} s)", flush=True)
         return
     except NonFiniteError as e:
         trial.set_user_attr("error", f"diverged: {e}")
-        study.tell(trial, state=TrialState.FAIL)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
         print(f"[search] trial {trial.number} failed: diverged: {e}", flush=True)
         return
     except Exception as e:
         trial.set_user_attr("error", f"{type(e).__name__}: {e}")
-        study.tell(trial, state=TrialState.FAIL)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
         raise
     trial.set_user_attr("steps", result.global_step)
     trial.set_user_attr("adapter", str(trial_dir / "adapter"))
@@ -491,7 +491,7 @@ def summary(study, space: Space) -> dict[str, Any]:
                      "params": {p.name: p.value_of(t.params[p.name])
                                 for p in space.params if p.name in t.params},
                      "adapter": t.user_attrs.get("adapter")})
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
     best = study.best_trial.number if complete else None
     return {"metric": space.metric, "direction": space.direction, "best": best,
             "best_trial": next((r for r in rows if r["trial"] == best), None), "trials": rows}
@@ -585,7 +585,7 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
 def run_search(args, rest: list[str], check_only: bool = False) -> int:
     """``peftloop search``: everything is validated before the first trial starts. ``check_only``:
     validate the config, the space and every value it can give, then return (nothing written)."""
-    require_optuna()
+    optuna = require_optuna()
     source = args.config or "command line"
     sections: dict[str, dict] = {s: {} for s in SCHEMA}
     if args.config:

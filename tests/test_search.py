@@ -327,7 +327,8 @@ choices = [2, 4]
 type = "categorical"
 choices = [["q_proj", "v_proj"], "all-linear"]
 """
-SHORT = ["--max_steps", "6", "--eval_every", "2", "--micro_batch_size", "8", "--log_every", "6"]
+SHORT = ["--max_steps", "4", "--warmup_steps", "0", "--eval_every", "2", "--micro_batch_size", "8",
+         "--log_every", "4"]
 
 
 def search_argv(tmp_path, n_trials: int, *extra: str) -> list[str]:
@@ -349,11 +350,11 @@ def test_search_on_the_demo_task_prunes_and_reports_a_best_adapter_that_loads_in
     assert len(states) == 8 and "pruned" in states and "complete" in states, states
     for row in table["trials"]:
         if row["state"] == "pruned":
-            assert row["steps"] < 6  # stopped early
+            assert row["steps"] < 4  # stopped early
         else:  # the trial's LoRA settings were applied before injection
             adapter = out / f"trial-{row['trial']}" / "adapter"
             config = json.loads((adapter / "adapter_config.json").read_text())
-            assert config["r"] == row["params"]["r"] and row["steps"] == 6
+            assert config["r"] == row["params"]["r"] and row["steps"] == 4
     best = table["best_trial"]
     assert best["value"] == min(r["value"] for r in table["trials"] if r["state"] == "complete")
     printed = capsys.readouterr().out
