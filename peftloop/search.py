@@ -215,6 +215,8 @@ def parse_space(text: str, source: str) -> Space:
     if len(set(names)) < len(names):
         raise ConfigError(f"{source}: a setting is searched twice: {names}")
     metric = settings.get("metric", "eval_loss")
+    if not isinstance(metric, str) or not metric:
+        raise ConfigError(f"{source}: [search] metric must be an evaluation metric's name, got {metric!r}")
     direction = settings.get("direction", default_direction(metric))
     if direction not in ("minimize", "maximize"):
         raise ConfigError(f"{source}: [search] direction={direction!r}: expected 'minimize' or 'maximize'")
@@ -263,9 +265,14 @@ def _param(name: str, table: Any, source: str) -> Param:
     if low > high:
         raise ConfigError(f"{where}: low={low} is above high={high}")
     log, step = table.get("log", False), table.get("step")
+    if not isinstance(log, bool):
+        raise ConfigError(f"{where}: log must be true or false, got {log!r}")
+    if step is not None and (not isinstance(step, number) or isinstance(step, bool) or step <= 0):
+        raise ConfigError(f"{where}: step must be a positive {'integer' if kind == 'int' else 'number'}, "
+                          f"got {step!r}")
     if log and (low <= 0 or step is not None):
         raise ConfigError(f"{where}: log = true needs low > 0 and no step")
-    return Param(key, section, kind, low=low, high=high, log=bool(log), step=step)
+    return Param(key, section, kind, low=low, high=high, log=log, step=step)
 
 
 def _owner(name: str, where: str) -> tuple[str, str]:
@@ -381,7 +388,10 @@ def open_study(output_dir: Path, space: Space, sections: dict[str, dict], pruner
     is refused. Trials a killed search left running are marked failed and queued to run again
     with the same values (one search per folder runs at a time: ``search_lock``)."""
     optuna = require_optuna()
-    record = json.loads(json.dumps({"space": space.record(), "base": sections}))
+    # the base as given (where the base model's files are is not a setting: a folder may be named
+    # by a relative path one day and an absolute one the next)
+    base = {**sections, "lora": {k: v for k, v in sections["lora"].items() if k != "base_model_name_or_path"}}
+    record = json.loads(json.dumps({"space": space.record(), "base": base}))
     study = optuna.create_study(
         study_name=STUDY_NAME, storage=f"sqlite:///{(output_dir / 'study.db').resolve()}",
         load_if_exists=True, direction=space.direction,
@@ -416,8 +426,10 @@ def search(study, task: Task, sections: dict[str, dict], space: Space, n_trials:
            source: str) -> None:
     """Ask, run and tell trials until ``n_trials`` have finished; the summary after each."""
     while len(finished_trials(study)) < n_trials:
-        run_trial(study, study.ask(), task, sections, space, output_dir, source)
-        write_summary(study, space, output_dir)
+        try:
+            run_trial(study, study.ask(), task, sections, space, output_dir, source)
+        finally:  # a trial that stops the search with its error is in the summary too
+            write_summary(study, space, output_dir)
 
 
 def run_trial(study, trial, task: Task, sections: dict[str, dict], space: Space, output_dir: Path,

@@ -26,7 +26,7 @@ from peftloop.config import ConfigError, LoraConfig, TrainConfig
 from peftloop.inject import inject_lora
 from peftloop.models import load_pretrained
 from peftloop.train import train
-from tests.helpers import logits_of, tiny_model, toy_examples
+from tests.helpers import logits_of, qa_records, save_chat_base, tiny_model, toy_examples, write_jsonl
 from tests.hf_builders import load_reference
 
 optuna = pytest.importorskip("optuna", reason="the 'optuna' extra is not installed")
@@ -209,6 +209,9 @@ def test_space_file_reads_into_params():
     ('[r]\ntype = "int"\nlow = 8\nhigh = 4', r"\[r\]: low=8 is above high=4"),
     ('[r]\ntype = "int"\nlow = 4.5\nhigh = 8', r"\[r\]: low must be an integer"),
     ('[learning_rate]\ntype = "float"\nlow = 0.0\nhigh = 1.0\nlog = true', r"log = true needs low > 0"),
+    ('[r]\ntype = "int"\nlow = 4\nhigh = 8\nstep = 0', r"step must be a positive integer"),
+    ('[r]\ntype = "int"\nlow = 4\nhigh = 8\nlog = "yes"', r"log must be true or false"),
+    ('[search]\nmetric = 3\n[r]\ntype = "categorical"\nchoices = [4]', r"metric must be an evaluation metric"),
     ('[r]\ntype = "categorical"\nchoices = []', r"choices must be a non-empty list"),
     ('[target_modules]\ntype = "categorical"\nchoices = [["q_proj"], "q_proj"]', r"two choices are the same"),
     ('[r]\ntype = "categorical"\nchoices = [4]\nlow = 1', r"unknown keys \['low'\]"),
@@ -401,3 +404,24 @@ def test_a_killed_search_resumes_and_reruns_only_the_interrupted_trial(tmp_path)
     assert rows[2]["state"] == "interrupted, re-run as 3"
     # a second run of the same command has nothing left to do
     assert search.main(argv) == 0 and len(stored_trials(out)) == 5
+
+
+@pytest.mark.slow
+def test_search_on_a_pretrained_model_and_jsonl_data(tmp_path):
+    base = save_chat_base(tmp_path / "base")
+    write_jsonl(tmp_path / "train.jsonl", qa_records(4))
+    (tmp_path / "space.toml").write_text('[r]\ntype = "categorical"\nchoices = [2, 4]\n'
+                                         '[learning_rate]\ntype = "float"\nlow = 1e-3\nhigh = 1e-2\n')
+    out = tmp_path / "search"
+    assert search.main(["--model", str(base), "--data", str(tmp_path / "train.jsonl"), "--eval_split", "0.25",
+                        "--space", str(tmp_path / "space.toml"), "--n-trials", "2", "--output-dir", str(out),
+                        "--max_steps", "2", "--eval_every", "1", "--micro_batch_size", "4",
+                        "--progress_bar", "false"]) == 0
+    rows = json.loads((out / "summary.json").read_text())["trials"]
+    assert [r["state"] for r in rows] == ["complete", "complete"]
+    for row in rows:
+        config = json.loads((out / f"trial-{row['trial']}" / "adapter" / "adapter_config.json").read_text())
+        assert config["r"] == row["params"]["r"] and config["base_model_name_or_path"] == str(base)
+        assert len(config["target_modules"]) == 7  # peftloop train's default: every linear layer but the head
+        log = read_log(out / f"trial-{row['trial']}")
+        assert [r["lr"] for r in log if r.get("step") == 1 and "lr" in r] == [row["params"]["learning_rate"]]
