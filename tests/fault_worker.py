@@ -25,7 +25,7 @@ import peftloop.checkpoint as ckpt  # noqa: E402
 import peftloop.files as files  # noqa: E402
 from peftloop.config import TrainConfig  # noqa: E402
 from peftloop.train import train  # noqa: E402
-from tests.helpers import lora_model, toy_examples  # noqa: E402
+from tests.helpers import lora_model, read_log, toy_examples  # noqa: E402
 
 STEPS = 9
 
@@ -153,8 +153,7 @@ def killed_run(out: Path, point: str):
 
 
 def logged(out: Path):
-    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    return [(r["step"], r.get("loss"), r.get("grad_norm"), r.get("eval_loss")) for r in rows]
+    return [(r["step"], r.get("loss"), r.get("grad_norm"), r.get("eval_loss")) for r in read_log(out)]
 
 
 def main():

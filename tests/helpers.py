@@ -133,6 +133,11 @@ def write_jsonl(path: Path, records) -> Path:
     return Path(path)
 
 
+def read_log(folder: Path) -> list[dict]:
+    """The records of ``folder/log.jsonl``, the loop's JSONL log."""
+    return [json.loads(line) for line in (Path(folder) / "log.jsonl").read_text().splitlines()]
+
+
 def save_chat_base(folder: Path, **config) -> Path:
     """A tiny Qwen2-shaped checkpoint (tied, q/k/v bias) with a ChatML tokenizer, written by
     peftloop. Weights N(0, 0.2): a frozen head that is not flat, so a small LoRA learns the QA task

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from peftloop.cli import main
+from tests.helpers import read_log
 
 
 @pytest.mark.slow
@@ -21,7 +22,7 @@ def test_demo_end_to_end_through_the_cli(tmp_path, capsys):
         assert (out / "base" / name).is_file(), name
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["modules_to_save"] == ["lm_head"]
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    log = read_log(out)
     losses = [r["loss"] for r in log if "loss" in r]
     assert len(losses) == 40 and losses[-1] < losses[0]
     assert [r["step"] for r in log if "eval_loss" in r] == [20, 40]

@@ -11,7 +11,7 @@ from peftloop.cli import main
 from peftloop.generate import generate, generate_text
 from peftloop.models import load_pretrained
 from peftloop.tokenizer import Tokenizer
-from tests.helpers import QA, assert_merged_logits_close, qa_records, save_chat_base, write_jsonl
+from tests.helpers import QA, assert_merged_logits_close, qa_records, read_log, save_chat_base, write_jsonl
 from tests.hf_builders import FAMILIES, build_checkpoint, load_reference
 
 
@@ -34,7 +34,7 @@ def test_train_evaluates_saves_and_generate_shows_the_adapter(base, data, tmp_pa
                  "--progress_bar", "false"]) == 0
     printed = capsys.readouterr().out
     assert "records -> " in printed and "eval loss" in printed and "adapter (PEFT format)" in printed
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    log = read_log(out)
     assert [r["step"] for r in log if "eval_loss" in r] == [12, 24]
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(base)

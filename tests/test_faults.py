@@ -17,7 +17,7 @@ from peftloop.checkpoint import CheckpointError, list_checkpoints, verify_manife
 from peftloop.config import TrainConfig
 from peftloop.files import recover_interrupted_writes
 from peftloop.train import NonFiniteError, train
-from tests.helpers import lora_model, toy_examples
+from tests.helpers import lora_model, read_log, toy_examples
 
 WORKER = Path(__file__).with_name("fault_worker.py")
 
@@ -131,7 +131,7 @@ def test_nan_policy_skip_counts_and_protects_the_weights(tmp_path, monkeypatch):
         assert torch.equal(poison.params[2][k], poison.params[1][k])  # step 3 changed nothing
         assert torch.isfinite(poison.params[-1][k]).all()
     assert result.train_loss == result.train_loss  # not NaN
-    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    log = read_log(tmp_path)
     assert len([r for r in log if "loss" in r]) == 6
 
 
