@@ -573,18 +573,28 @@ class search_lock:
 
 def add_search_parser(subparsers) -> argparse.ArgumentParser:
     """``peftloop search``'s options, on the ``peftloop`` command's subparsers."""
-    p = subparsers.add_parser("search", allow_abbrev=False,
-                              help="search LoRA and training settings with optuna (no model: the demo task)")
+    p = subparsers.add_parser(
+        "search", allow_abbrev=False,
+        help="search LoRA and training settings with optuna (no model: the demo task)",
+        description="Search LoRA and training settings with optuna: one trial per set of values, the\n"
+                    "study in OUTPUT/study.db (run the same command again to resume), a summary in\n"
+                    "OUTPUT/summary.md. --key value flags set the base's [train], [lora], [model] and\n"
+                    "[data] settings, as for peftloop train.",
+        epilog="space.toml, one table per setting:\n\n" + DEMO_SPACE.split("\n\n[lora_alpha]")[0]
+               + "\n\n[search] sets metric, direction, n_startup_trials and n_warmup_steps.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="the base: a TOML file with [train], [lora], [model] and [data] sections")
     p.add_argument("--space", help="the settings to search: a TOML file, one table per setting "
                                    "(optional with the demo task)")
-    p.add_argument("--n-trials", type=int, required=True, help="trials to finish (a resumed study counts "
-                                                                "the ones it has)")
+    # each flag in both spellings: the peftloop command writes every flag with _ before parsing
+    p.add_argument("--n_trials", "--n-trials", type=int, required=True, metavar="N",
+                   help="trials to finish (a resumed study counts the ones it has)")
     p.add_argument("--pruner", choices=["none", "median"], default="none",
                    help="median: stop a trial whose metric is worse than the median of earlier trials "
                         "at the same step")
-    p.add_argument("--output-dir", help="where the study, the trials and the summary go "
-                                        "(default: [train] output_dir, else peftloop-search)")
+    p.add_argument("--output_dir", "--output-dir", metavar="DIR",
+                   help="where the study, the trials and the summary go (default: [train] output_dir, "
+                        "else peftloop-search)")
     p.add_argument("--metric", help="the evaluation metric to optimize (default: [search] metric, else "
                                     "eval_loss)")
     p.add_argument("--direction", choices=["minimize", "maximize"],

@@ -211,7 +211,7 @@ def test_space_file_reads_into_params():
     ('[learning_rate]\ntype = "float"\nlow = 0.0\nhigh = 1.0\nlog = true', r"log = true needs low > 0"),
     ('[r]\ntype = "int"\nlow = 4\nhigh = 8\nstep = 0', r"step must be a positive integer"),
     ('[r]\ntype = "int"\nlow = 4\nhigh = 8\nlog = "yes"', r"log must be true or false"),
-    ('[search]\nmetric = 3\n[r]\ntype = "categorical"\nchoices = [4]', r"metric must be an evaluation metric"),
+    ('[search]\nmetric = 3\n[r]\ntype = "categorical"\nchoices = [4]', r"metric must be an evaluation"),
     ('[r]\ntype = "categorical"\nchoices = []', r"choices must be a non-empty list"),
     ('[target_modules]\ntype = "categorical"\nchoices = [["q_proj"], "q_proj"]', r"two choices are the same"),
     ('[r]\ntype = "categorical"\nchoices = [4]\nlow = 1', r"unknown keys \['low'\]"),
