@@ -15,16 +15,7 @@ from peftloop.callbacks import Callback  # noqa: E402
 from peftloop.config import LoraConfig, TrainConfig  # noqa: E402
 from peftloop.inject import inject_lora  # noqa: E402
 from peftloop.train import train  # noqa: E402
-from tests.helpers import tiny_model, toy_examples  # noqa: E402
-
-
-class StopAt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, state, metrics):
-        if state.global_step == self.step:
-            state.should_stop = True
+from tests.helpers import StopAt, tiny_model, toy_examples  # noqa: E402
 
 
 class DieAt(Callback):

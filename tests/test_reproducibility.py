@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli_train import QA, base  # noqa: F401  (the module-scoped tiny Qwen2 checkpoint)
+from tests.helpers import qa_records, save_chat_base, write_jsonl
 
 # What a log record holds that is a measurement of the machine, not of the training.
 TIMING_KEYS = {"tokens_per_s", "train_runtime", "train_samples_per_second", "train_steps_per_second",
@@ -42,15 +42,18 @@ def adapter_bytes(folder: Path) -> bytes:
     return (folder / "adapter_model.safetensors").read_bytes()
 
 
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return save_chat_base(tmp_path_factory.mktemp("base") / "chat-base")
+
+
 @pytest.fixture
 def qa_data(tmp_path):
-    path = tmp_path / "train.jsonl"
-    lines = [{"prompt": f"Q: {q}\nA:", "completion": f" {a}"} for q, a in QA] * 4
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return path
+    return write_jsonl(tmp_path / "train.jsonl", qa_records(repeat=4))
 
 
-def test_cli_train_twice_with_one_seed_gives_the_same_adapter_and_log(base, qa_data, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_cli_train_twice_with_one_seed_gives_the_same_adapter_and_log(base, qa_data, tmp_path):
     """Dropout on, a shuffled order and an eval split: every random draw the CLI makes."""
     def train(out: str, seed: int):
         run_fresh(["-m", "peftloop.cli", "train", "--model", str(base), "--data", str(qa_data),
@@ -83,7 +86,8 @@ LIBRARY_RECIPE = textwrap.dedent("""
 """)
 
 
-def test_the_documented_library_recipe_is_reproducible(base, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_the_documented_library_recipe_is_reproducible(base, tmp_path):
     script = tmp_path / "recipe.py"
     script.write_text(LIBRARY_RECIPE)
     for out in ("a", "b"):
@@ -102,7 +106,7 @@ def test_the_demo_is_reproducible(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_train_under_torchrun_is_reproducible(base, qa_data, tmp_path):  # noqa: F811
+def test_cli_train_under_torchrun_is_reproducible(base, qa_data, tmp_path):
     """Two ranks (DDP, gloo) draw one LoRA init, different dropout masks, and the same run twice.
     (``--lora.r``, not ``--r``: torchrun's own parser would take ``--r`` for an abbreviation of its flags.)"""
     from tests.test_distributed import free_port

@@ -1,6 +1,5 @@
 """The loop's semantics: accumulation normalisation, AMP, clipping, schedules, eval, saving, resume."""
 
-import json
 import math
 
 import pytest
@@ -9,21 +8,12 @@ import torch
 from peftloop.adapter_format import adapter_state_dict
 from peftloop.callbacks import Callback
 from peftloop.checkpoint import CheckpointError, list_checkpoints, read_safetensors
-from peftloop.config import LoraConfig, TrainConfig
+from peftloop.config import TrainConfig
 from peftloop.data import collate
 from peftloop.demo import run_demo
-from peftloop.inject import inject_lora
 from peftloop.schedule import lr_at
 from peftloop.train import summed_token_loss, train
-from tests.helpers import tiny_model, toy_examples
-
-
-def lora_model(seed=0, dropout=0.0, adapter_seed=0, **lora):
-    model = tiny_model(seed)
-    torch.manual_seed(adapter_seed)
-    inject_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=dropout,
-                                  init_lora_weights=False, **lora))
-    return model
+from tests.helpers import StopAt, lora_model, read_log, tiny_model, toy_examples
 
 
 def run(model, data, tmp_path, eval_data=None, callbacks=(), **cfg):
@@ -48,10 +38,6 @@ class ParamCapture(Callback):
 
     def on_step_end(self, state, metrics):
         self.params.append({k: v.detach().clone() for k, v in adapter_state_dict(self.model).items()})
-
-
-def read_log(tmp_path):
-    return [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
 
 
 # -- accumulation -------------------------------------------------------------------------------
@@ -274,15 +260,6 @@ def test_saving_each_epoch(tmp_path):
 
 # -- resume --------------------------------------------------------------------------------------------------
 
-class StopAt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, state, metrics):
-        if state.global_step == self.step:
-            state.should_stop = True
-
-
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_resume_is_bit_exact(tmp_path, precision):
     # dropout (RNG), shuffling across epochs (data position), accumulation, warmup + cosine (schedule),
@@ -290,13 +267,14 @@ def test_resume_is_bit_exact(tmp_path, precision):
     data = toy_examples(14, seed=3)
     cfg = dict(micro_batch_size=3, grad_accum=2, max_steps=10, warmup_steps=2, lr_scheduler="cosine",
                weight_decay=0.1, save_every=5, precision=precision)
-    straight = lora_model(dropout=0.2)
+    straight = lora_model(lora_dropout=0.2)
     run(straight, data, tmp_path / "straight", **cfg)
 
-    interrupted = lora_model(dropout=0.2)
+    interrupted = lora_model(lora_dropout=0.2)
     run(interrupted, data, tmp_path / "resumed", callbacks=[StopAt(5)], **cfg)
     assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["checkpoint-5"]
-    resumed = lora_model(adapter_seed=123, dropout=0.2)  # another init: all must come from the checkpoint
+    # another init: everything must come from the checkpoint
+    resumed = lora_model(adapter_seed=123, lora_dropout=0.2)
     result = run(resumed, data, tmp_path / "resumed", resume_from_checkpoint=True, **cfg)
     assert result.global_step == 10
 
