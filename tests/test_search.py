@@ -26,7 +26,15 @@ from peftloop.config import ConfigError, LoraConfig, TrainConfig
 from peftloop.inject import inject_lora
 from peftloop.models import load_pretrained
 from peftloop.train import train
-from tests.helpers import logits_of, qa_records, save_chat_base, tiny_model, toy_examples, write_jsonl
+from tests.helpers import (
+    logits_of,
+    qa_records,
+    read_log,
+    save_chat_base,
+    tiny_model,
+    toy_examples,
+    write_jsonl,
+)
 from tests.hf_builders import load_reference
 
 optuna = pytest.importorskip("optuna", reason="the 'optuna' extra is not installed")
@@ -45,10 +53,6 @@ def lora_model(**lora):
 def config(tmp_path, **values) -> TrainConfig:
     return TrainConfig(**{"output_dir": str(tmp_path), "progress_bar": False, "log_every": 1,
                           "learning_rate": 1e-3, "micro_batch_size": 4, "device": "cpu", **values})
-
-
-def read_log(folder):
-    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
 
 
 def quiet_study(**kwargs):
