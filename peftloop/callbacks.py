@@ -38,15 +38,18 @@ class Callback:
 
 
 class EarlyStopping(Callback):
-    """Stop when ``metric`` has not improved (by more than ``min_delta``) for ``patience`` evaluations.
-    The count lives in the state so that it survives a resume."""
+    """Stop when ``metric`` has not improved (by more than ``min_delta``) for ``patience`` evaluations:
+    lower is better, or higher with ``greater_is_better`` (exact match). The count lives in the
+    state so that it survives a resume."""
 
-    def __init__(self, patience: int, metric: str = "eval_loss", min_delta: float = 0.0):
+    def __init__(self, patience: int, metric: str = "eval_loss", min_delta: float = 0.0,
+                 greater_is_better: bool = False):
         self.patience, self.metric, self.min_delta = patience, metric, min_delta
+        self.sign = -1.0 if greater_is_better else 1.0  # compare sign * value: lower is better
 
     def on_evaluate(self, state, metrics):
         value = metrics[self.metric]
-        if state.best_metric is None or value < state.best_metric - self.min_delta:
+        if state.best_metric is None or self.sign * value < self.sign * state.best_metric - self.min_delta:
             state.best_metric, state.evals_without_improvement = value, 0
         else:
             state.evals_without_improvement += 1

@@ -162,7 +162,13 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate every N optimizer steps (0: only at the end, when eval data is given)."""
     eval_batch_size: int = 8
-    """Examples per forward pass during evaluation (per process)."""
+    """Examples per forward pass during evaluation (per process), and prompts per generation batch."""
+    eval_generate_max_new_tokens: int = 0
+    """Evaluation by generation: 0 (off), or the most tokens to generate greedily for each eval
+    example that has a prompt (prompt/completion and chat records); each evaluation then also
+    logs eval_exact_match (the fraction of completions equal to the reference) and the
+    eval_<name> of every metric given to train(eval_metrics=...). Costs a generation pass over
+    the eval set at each evaluation."""
     log_every: int = 1
     """Log the mean loss of the last N steps to the console and log.jsonl."""
     progress_bar: bool = True
@@ -182,7 +188,13 @@ class TrainConfig:
     resume_from_checkpoint: str | bool | None = None
     """A checkpoint-N folder, or True for the newest complete one in output_dir."""
     early_stopping_patience: int = 0
-    """Stop when eval_loss has not improved for N evaluations (0: off)."""
+    """Stop when early_stopping_metric has not improved for N evaluations (0: off)."""
+    early_stopping_metric: str = "eval_loss"
+    """The evaluation metric early stopping watches: eval_loss, eval_perplexity, or with
+    eval_generate_max_new_tokens eval_exact_match and the eval_<name> of train(eval_metrics=...)."""
+    early_stopping_mode: str = "auto"
+    """"min" (lower is better), "max" (higher is better), or "auto": min for a metric whose name
+    ends in loss or perplexity, max for any other (exact match, scores)."""
     device: str = "auto"
     """"auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ..."""
     nan_policy: str = "skip"
@@ -228,6 +240,24 @@ class TrainConfig:
                               "(or a list of them)")
         if self.max_steps <= 0 and self.num_epochs == 0:
             raise ConfigError("train: set num_epochs >= 1 or max_steps >= 1")
+        if self.eval_generate_max_new_tokens < 0:
+            raise ConfigError(f"train.eval_generate_max_new_tokens must be >= 0 (0: off), "
+                              f"got {self.eval_generate_max_new_tokens}")
+        if self.early_stopping_mode not in ("auto", "min", "max"):
+            raise ConfigError(f"train.early_stopping_mode={self.early_stopping_mode!r}: "
+                              "expected 'auto', 'min' or 'max'")
+        if self.early_stopping_patience and not self.eval_generate_max_new_tokens \
+                and self.early_stopping_metric not in ("eval_loss", "eval_perplexity"):
+            raise ConfigError(f"train.early_stopping_metric={self.early_stopping_metric!r} is not logged "
+                              "without an evaluation by generation: set train.eval_generate_max_new_tokens "
+                              "(or watch eval_loss)")
+
+    @property
+    def early_stopping_greater_is_better(self) -> bool:
+        """Whether a higher early_stopping_metric is an improvement (early_stopping_mode resolved)."""
+        if self.early_stopping_mode == "auto":
+            return not self.early_stopping_metric.endswith(("loss", "perplexity"))
+        return self.early_stopping_mode == "max"
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 
 An example is a dict with ``input_ids`` and ``labels`` (lists of ints of equal length; label
 -100 = no loss at that position, HF's convention: labels are *not* shifted, the loss shifts them).
-Optionally ``position_ids`` (packed examples restart them at 0 at each document boundary).
+Optionally ``position_ids`` (packed examples restart them at 0 at each document boundary), and on
+eval examples ``prompt_ids`` and ``reference`` (the prompt's ids and the completion's text: what an
+evaluation by generation needs, ``peftloop.generate``).
 
 From a file (``load_datasets``), in order:
 
@@ -204,10 +206,13 @@ def length_grouped_stream(stream: Iterable[dict], batch_size: int) -> Iterator[d
 
 def load_datasets(config, tokenizer, seed: int = 42):
     """(train, eval or None) from a DataConfig. Eval comes from eval_file, else from the lines
-    eval_split holds out of train_file, and is never packed (padding gives the same losses)."""
+    eval_split holds out of train_file, and is never packed (padding gives the same losses). Eval
+    examples of prompt/completion and chat records keep their prompt's ids and reference text, for
+    an evaluation by generation (``TrainConfig.eval_generate_max_new_tokens``)."""
     if not config.train_file:
         raise DataError("data.train_file is not set", "config")
     builder = ExampleBuilder(tokenizer, config)
+    eval_builder = ExampleBuilder(tokenizer, config, keep_task=True)
     train_path = _existing(config.train_file, "data.train_file")
     split = config.eval_split if not config.eval_file else 0.0
     in_train = (lambda line: not held_out(seed, line, split)) if split else (lambda line: True)
@@ -219,10 +224,10 @@ def load_datasets(config, tokenizer, seed: int = 42):
             raise DataError(f"{train_path}: no training examples ({train.stats.summary()})", "empty")
     evaluation = None
     if config.eval_file:
-        evaluation = in_memory(_existing(config.eval_file, "data.eval_file"), builder, config,
+        evaluation = in_memory(_existing(config.eval_file, "data.eval_file"), eval_builder, config,
                                lambda line: True)
     elif split:
-        evaluation = in_memory(train_path, builder, config, lambda line: held_out(seed, line, split))
+        evaluation = in_memory(train_path, eval_builder, config, lambda line: held_out(seed, line, split))
         if not len(evaluation):
             raise DataError(f"{train_path}: data.eval_split={split} held out no example; raise it or give "
                             "data.eval_file", "empty")

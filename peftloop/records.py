@@ -105,11 +105,17 @@ def parse_record(raw: bytes | DataError, where: str) -> dict[str, Any]:
 
 
 class ExampleBuilder:
-    """One record -> one example (input_ids, labels), by the record's format."""
+    """One record -> one example (input_ids, labels), by the record's format.
 
-    def __init__(self, tokenizer, config):
+    With ``keep_task`` (the eval set), a prompt/completion or chat example also keeps what an
+    evaluation by generation needs (``peftloop.generate.task_of``): ``prompt_ids``, the tokens the
+    completion is generated from, and ``reference``, the completion's text (for a conversation: the
+    last assistant turn, and the prompt is the conversation before it with the generation prompt)."""
+
+    def __init__(self, tokenizer, config, keep_task: bool = False):
         self.tokenizer = tokenizer
         self.config = config
+        self.keep_task = keep_task
 
     def __call__(self, record: dict[str, Any], where: str) -> dict[str, list[int]]:
         kind = self.format_of(record, where)
@@ -122,7 +128,7 @@ class ExampleBuilder:
                 raise DataError(f"{where}: {self.config.messages_field!r} "
                                 "has no assistant message to train on",
                                 "no assistant message")
-            return self.chat_example(messages, trained, where)
+            return self.with_task(self.chat_example(messages, trained, where), messages, trained)
         return self.prompt_completion_example(record, where)
 
     def format_of(self, record: dict[str, Any], where: str) -> str:
@@ -155,7 +161,7 @@ class ExampleBuilder:
             if not trained:
                 raise DataError(f"{where}: {c.completion_field!r} has no assistant message",
                                 "no assistant message")
-            return self.chat_example(messages, trained, where)
+            return self.with_task(self.chat_example(messages, trained, where), messages, trained)
         prompt = self.string(record, c.prompt_field, where, allow_empty=True)
         completion = self.string(record, c.completion_field, where)
         prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=True)
@@ -165,6 +171,8 @@ class ExampleBuilder:
         completion_ids = self.with_eos(self.tokenizer.encode(completion, add_special_tokens=False))
         ids = prompt_ids + completion_ids
         labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids if c.completion_only_loss else list(ids)
+        if self.keep_task:
+            return {"input_ids": ids, "labels": labels, "prompt_ids": prompt_ids, "reference": completion}
         return {"input_ids": ids, "labels": labels}
 
     def chat_example(self, messages, trained: list[int], where):
@@ -184,6 +192,19 @@ class ExampleBuilder:
         labels = [t if any(s <= start < e for s, e in spans) else IGNORE_INDEX
                   for t, (start, _) in zip(ids, offsets)]
         return {"input_ids": ids, "labels": labels}
+
+    def with_task(self, example, messages, trained: list[int]):
+        """``example`` plus, with keep_task, the last trained assistant turn as the reference and the
+        conversation before it (rendered with the generation prompt) as the prompt. A template that
+        cannot render that prefix (no earlier turn) leaves the example without a task."""
+        if not self.keep_task:
+            return example
+        last = trained[-1]
+        try:
+            prompt_ids = self.tokenizer.apply_chat_template(messages[:last], add_generation_prompt=True)
+        except TokenizerError:
+            return example
+        return {**example, "prompt_ids": prompt_ids, "reference": messages[last]["content"]}
 
     # fields -------------------------------------------------------------------------------------
 
@@ -225,10 +246,14 @@ class ExampleBuilder:
         return ids
 
 
+TOKEN_FIELDS = ("input_ids", "labels", "position_ids")
+"""The per-token lists of an example (what truncation cuts; ``prompt_ids`` and ``reference`` stay whole)."""
+
+
 def truncate(example: dict[str, list[int]], max_seq_len: int) -> tuple[dict[str, list[int]], bool]:
     if len(example["input_ids"]) <= max_seq_len:
         return example, False
-    return {k: v[:max_seq_len] for k, v in example.items()}, True
+    return {k: v[:max_seq_len] if k in TOKEN_FIELDS else v for k, v in example.items()}, True
 
 
 def has_labels(example: dict[str, list[int]]) -> bool:

@@ -43,7 +43,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,7 @@ from peftloop.callbacks import (
 )
 from peftloop.config import LoraConfig, TrainConfig
 from peftloop.data import IGNORE_INDEX, collate, input_tokens, label_tokens, micro_batches, num_micro_batches
+from peftloop.generate import Task, evaluation_tasks, task_metric_sums
 from peftloop.kernels import native_low_precision_cpu
 from peftloop.optim import build_optimizer
 from peftloop.schedule import lr_at, warmup_steps_for
@@ -132,6 +133,8 @@ def train(
     collate_fn=collate,
     trial=None,
     trial_metric: str = "eval_loss",
+    tokenizer=None,
+    eval_metrics: dict[str, Callable[[str, str], float]] | None = None,
 ) -> TrainResult:
     """Train the adapters of ``model`` on ``train_data``: the phases of the module docstring, in order.
 
@@ -144,6 +147,12 @@ def train(
     current step (a checkpoint due at that step is written, earlier ones stay intact; the adapter
     is written) and ``optuna.TrialPruned`` is raised. One process: under torchrun, give the trial
     to rank 0 only.
+
+    Evaluation by generation (``config.eval_generate_max_new_tokens`` > 0): every evaluation also
+    completes each eval prompt greedily and logs ``eval_exact_match`` and, for each
+    ``eval_metrics[name]`` (a ``metric(prediction, reference) -> float``), ``eval_<name>``: the
+    means over the prompts (``peftloop.generate``). ``tokenizer`` decodes the completions; without
+    one, completions and references are compared as token ids (exact match only).
     """
     config = apply_trial(config or TrainConfig(), trial, getattr(model, "lora_config", None))
     if trial is not None and not isinstance(trial, Mapping) and eval_data is None:
@@ -156,6 +165,9 @@ def train(
     model.to(device)
     # Ranks draw different dropout masks; the data order is seeded separately (data.epoch_order).
     seed_everything(config.seed + dist_.rank)
+    # Evaluation by generation (off unless eval_generate_max_new_tokens): this rank's share of the
+    # eval prompts and their references, read once.
+    tasks = generation_tasks(model, eval_data, config, tokenizer, eval_metrics, dist_)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
     if amp_dtype is not None and device.type == "cpu" and dist_.is_main and not native_low_precision_cpu():
         print(f"peftloop: note: this CPU has no native {config.precision} matmul (no AVX512-BF16/AMX): "
@@ -209,13 +221,15 @@ def train(
     if dist_.is_main:
         callbacks = [JsonlLogger(output_dir / "log.jsonl"), *callbacks]
     if config.early_stopping_patience:
-        callbacks = [*callbacks, EarlyStopping(config.early_stopping_patience)]
+        callbacks = [*callbacks, EarlyStopping(config.early_stopping_patience, config.early_stopping_metric,
+                                               greater_is_better=config.early_stopping_greater_is_better)]
     for cb in callbacks:
         cb.on_train_begin(state)
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
-        """Mean token loss over the whole eval set (no label smoothing) and its perplexity."""
+        """Mean token loss over the whole eval set (no label smoothing) and its perplexity; with
+        eval_generate_max_new_tokens, the task metrics of greedy completions of the eval prompts."""
         model.eval()
         loss_total, tokens = 0.0, 0
         eval_collate = _rank_slice(collate_fn, dist_.rank, config.eval_batch_size)
@@ -225,12 +239,24 @@ def train(
             with autocast():
                 loss_total += float(summed_token_loss(model, batch))
             tokens += label_tokens(batch)
+        task_sums = {}
+        if config.eval_generate_max_new_tokens:  # each rank completes its share, without collectives
+            with autocast():
+                task_sums = task_metric_sums(distributed.unwrap(model), tasks,
+                                             config.eval_generate_max_new_tokens, config.eval_batch_size,
+                                             tokenizer, eval_metrics)
         model.train()
         loss_total = distributed.all_reduce_sum(loss_total, dist_, device)
         tokens = int(distributed.all_reduce_sum(tokens, dist_, device))
         eval_loss = loss_total / max(tokens, 1)
-        return {"step": state.global_step, "eval_loss": eval_loss,
-                "eval_perplexity": math.exp(min(eval_loss, 700.0)), "eval_tokens": tokens}
+        metrics = {"step": state.global_step, "eval_loss": eval_loss,
+                   "eval_perplexity": math.exp(min(eval_loss, 700.0)), "eval_tokens": tokens}
+        if task_sums:  # the means over every rank's prompts
+            prompts = int(distributed.all_reduce_sum(len(tasks), dist_, device))
+            for name, total in task_sums.items():
+                metrics[f"eval_{name}"] = distributed.all_reduce_sum(total, dist_, device) / prompts
+            metrics["eval_generated"] = prompts
+        return metrics
 
     # ---- 4. the loop: epochs, windows, micro-batches, the update ---------------------------------
     model.train()
@@ -339,7 +365,9 @@ def train(
             if eval_data is not None and config.eval_every and state.global_step % config.eval_every == 0:
                 last_eval = evaluate()
                 if dist_.is_main:
-                    progress.write(f"step {state.global_step}: eval_loss {last_eval['eval_loss']:.4f}")
+                    task = last_eval.get("eval_exact_match")
+                    progress.write(f"step {state.global_step}: eval_loss {last_eval['eval_loss']:.4f}"
+                                   + (f", exact match {task:.1%}" if task is not None else ""))
                 for cb in callbacks:
                     cb.on_evaluate(state, last_eval)
                 # a search trial: report; one the pruner cuts finishes this step (and its checkpoint),
@@ -496,6 +524,38 @@ def trial_pruned(step: int, metric: str, metrics: dict[str, Any]) -> Exception:
     import optuna  # optional (the 'optuna' extra); only a pruned optuna.Trial gets here
 
     return optuna.TrialPruned(f"pruned after step {step} ({metric} {float(metrics[metric]):.4f})")
+
+
+def generation_tasks(model: nn.Module, eval_data, config: TrainConfig, tokenizer,
+                     eval_metrics: dict[str, Callable[[str, str], float]] | None,
+                     dist_: distributed.Dist) -> list[Task]:
+    """This rank's share (every world_size-th) of the eval set's generation tasks; [] when the
+    evaluation does not generate. Refuses, before anything runs, what could not work: a model
+    that is not peftloop's (generation uses its KV cache), FSDP (each rank generates alone, and an
+    FSDP2 forward is a collective), a metric name the loss already uses, an early-stopping metric
+    that will not be logged."""
+    generating = eval_data is not None and config.eval_generate_max_new_tokens > 0
+    task_names = ["exact_match", *(eval_metrics or {})] if generating else []
+    logged = ["eval_loss", "eval_perplexity", *(f"eval_{name}" for name in task_names)]
+    if config.early_stopping_patience and config.early_stopping_metric not in logged:
+        raise ValueError(f"train.early_stopping_metric={config.early_stopping_metric!r} is not logged by "
+                         f"this run's evaluations ({', '.join(logged)})")
+    if eval_metrics and not generating:
+        raise ValueError("train(eval_metrics=...): the metrics score generated completions: "
+                         "set eval_generate_max_new_tokens and give eval_data")
+    if not generating:
+        return []
+    taken = [name for name in eval_metrics or {}
+             if name in ("loss", "perplexity", "tokens", "exact_match", "generated")]
+    if taken:
+        raise ValueError(f"train(eval_metrics=...): eval_{taken[0]} is logged already: rename {taken[0]!r}")
+    if not getattr(distributed.unwrap(model), "supports_summed_loss", False):
+        raise ValueError("train.eval_generate_max_new_tokens: generation needs a peftloop model "
+                         f"(not {type(model).__name__})")
+    if dist_.enabled and dist_.strategy == "fsdp":
+        raise ValueError("train.eval_generate_max_new_tokens with strategy 'fsdp': not supported (each rank "
+                         "generates its share alone); use 'ddp', or generate from the adapter afterwards")
+    return evaluation_tasks(eval_data, tokenizer, eval_metrics)[dist_.rank::dist_.world_size]
 
 
 def require_adapters(model: nn.Module) -> LoraConfig:
