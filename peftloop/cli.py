@@ -34,7 +34,6 @@ or written.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -46,20 +45,20 @@ import torch
 from peftloop.checkpoint import ADAPTER_CONFIG, load_adapter, read_adapter_config
 from peftloop.config import ConfigError, DataConfig, LoraConfig, ModelConfig, TrainConfig
 from peftloop.config_io import SCHEMA, build, canonical_flag, load_toml, parse_overrides, settings_help
-from peftloop.data import collate, load_datasets
 from peftloop.demo import run_demo
 from peftloop.generate import generate, generate_text
 from peftloop.hub import ModelNotFoundError, resolve_model
 from peftloop.inject import describe_trainable, disable_adapters, inject_lora, merge_and_unload
 from peftloop.models import (
-    enable_gradient_checkpointing,
     load_pretrained,
     parse_dtype,
     read_config_json,
     save_pretrained,
 )
 from peftloop.models.loading import source_name
+from peftloop.pretrained import load_base_model, load_data
 from peftloop.records import DataError, parse_record, read_jsonl
+from peftloop.search import add_search_parser, run_search
 from peftloop.tokenizer import Tokenizer
 from peftloop.train import seed_everything, train
 
@@ -131,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_merge.add_argument("--quantization", choices=["nf4"],
                          help="merge onto the 4-bit base the adapter was trained on (QLoRA): dequantised, "
                               "merged in fp32, saved in --dtype (default bf16)")
+    add_search_parser(sub)
     return parser
 
 
@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args, rest)
+        if args.command == "search":
+            return run_search(args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return _generate(args) if args.command == "generate" else _merge(args)
@@ -208,9 +210,8 @@ def train_model(model_config: ModelConfig, data_config: DataConfig, train_values
         raise ConfigError(f"{source}: data.streaming reads the file lazily and has no length: "
                           "set train.max_steps")
 
-    folder = resolve_model(model_config.name_or_path, model_config.revision, model_config.cache_dir)
-    tokenizer = Tokenizer.from_pretrained(folder)
-    train_data, eval_data = load_datasets(data_config, tokenizer, seed=train_config.seed)
+    loaded = load_data(model_config, data_config, seed=train_config.seed)
+    train_data, eval_data = loaded.train_data, loaded.eval_data
     if not data_config.streaming:
         print(f"peftloop: train data {data_config.train_file}: {train_data.stats.summary()}")
     if eval_data is not None:
@@ -221,19 +222,12 @@ def train_model(model_config: ModelConfig, data_config: DataConfig, train_values
     # Seed before anything random: torch seeds itself differently in every process, and
     # inject_lora draws lora_A's init from it (every torchrun rank draws the same one).
     seed_everything(train_config.seed)
-    model = load_pretrained(folder, dtype=model_config.dtype, quantization=model_config.quantization,
-                            quant_blocksize=model_config.quant_blocksize,
-                            double_quant=model_config.double_quant)
-    if model_config.gradient_checkpointing:
-        enable_gradient_checkpointing(model, offload=model_config.offload_activations)
-    inject_lora(model, lora_config)
+    model = inject_lora(load_base_model(loaded.folder, model_config), lora_config)
     held = f"{model_config.dtype}" + (f", {model_config.quantization} base"
                                       if model_config.quantization else "")
     print(f"peftloop: {model_config.name_or_path} ({model.config.model_type}, {held}): "
           f"{describe_trainable(model)}")
-    pad = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
-    result = train(model, train_data, eval_data, train_config,
-                   collate_fn=functools.partial(collate, pad_id=pad))
+    result = train(model, train_data, eval_data, train_config, collate_fn=loaded.collate_fn)
 
     if data_config.streaming:
         print(f"peftloop: train data {data_config.train_file} (streamed, last pass): "

@@ -50,8 +50,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
-import functools
 import json
 import math
 import os
@@ -63,13 +61,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import torch
 import torch.nn as nn
 
 from peftloop.config import ConfigError, DataConfig, LoraConfig, ModelConfig, TrainConfig
-from peftloop.config_io import build, load_toml, parse_overrides
-from peftloop.data import collate, load_datasets
+from peftloop.config_io import SCHEMA, build, load_toml, parse_overrides
+from peftloop.data import collate
 from peftloop.demo import (
     DEMO_LORA,
     DEMO_TRAIN,
@@ -79,11 +76,11 @@ from peftloop.demo import (
     save_tokenizer,
     to_example,
 )
-from peftloop.hub import resolve_model
 from peftloop.inject import inject_lora
-from peftloop.models import enable_gradient_checkpointing, load_pretrained, save_pretrained
+from peftloop.models import load_pretrained, save_pretrained
 from peftloop.models.llama import LlamaForCausalLM
-from peftloop.tokenizer import Tokenizer
+from peftloop.pretrained import load_base_model, load_data
+from peftloop.search_space import Space, check_space, default_direction, parse_space, trial_sections
 from peftloop.train import NonFiniteError, seed_everything, train
 
 try:  # POSIX: one search at a time per output folder
@@ -91,16 +88,8 @@ try:  # POSIX: one search at a time per output folder
 except ImportError:
     fcntl = None
 
-SCHEMA = {"train": TrainConfig, "lora": LoraConfig, "model": ModelConfig, "data": DataConfig}
-SEARCHABLE = ("train", "lora")
-"""The sections a space may search: [model] and [data] are loaded once for every trial."""
-NOT_SEARCHABLE = {"output_dir", "resume_from_checkpoint", "base_model_name_or_path"}
 STUDY_NAME = "peftloop-search"
 """One study per output folder, under a fixed name: running the same command again resumes it."""
-KINDS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
-         "categorical": {"choices"}}
-SETTINGS = {"metric", "direction", "n_startup_trials", "n_warmup_steps"}
-
 # Demo trials are short (the demo trains 300 steps): enough to rank settings and to prune.
 DEMO_SEARCH_TRAIN = {**DEMO_TRAIN, "max_steps": 30, "micro_batch_size": 16, "warmup_steps": 3,
                      "eval_every": 10, "eval_batch_size": 64, "log_every": 10, "progress_bar": False}
@@ -138,177 +127,6 @@ def require_optuna():
     except ImportError:
         raise ConfigError("peftloop search needs optuna: pip install 'peftloop[optuna]'") from None
     return optuna
-
-
-# ------------------------------------------------------------------------------------------------
-# The space
-
-
-@dataclass(frozen=True)
-class Param:
-    """One searched setting: a table of space.toml."""
-
-    name: str
-    section: str
-    """"train" or "lora": where the value goes."""
-    kind: str
-    """"float", "int" or "categorical"."""
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: tuple = ()
-    """The values; a list value (target_modules) is offered to optuna as its comma-joined label."""
-
-    def suggest(self, trial) -> Any:
-        """The trial's value (optuna records it under ``name``)."""
-        if self.kind == "float":
-            return trial.suggest_float(self.name, self.low, self.high, log=self.log, step=self.step)
-        if self.kind == "int":
-            return trial.suggest_int(self.name, self.low, self.high, log=self.log, step=self.step or 1)
-        return self.value_of(trial.suggest_categorical(self.name, [label(c) for c in self.choices]))
-
-    def value_of(self, stored: Any) -> Any:
-        """The setting for a value as optuna stores it (a categorical list comes back as its label)."""
-        if self.kind != "categorical":
-            return stored
-        return next(c for c in self.choices if label(c) == stored)
-
-    def candidates(self) -> list[Any]:
-        """Values to validate the space with: both ends of a range, every choice."""
-        return [self.low, self.high] if self.kind != "categorical" else list(self.choices)
-
-
-@dataclass(frozen=True)
-class Space:
-    params: tuple[Param, ...]
-    metric: str = "eval_loss"
-    direction: str = "minimize"
-    n_startup_trials: int = 2
-    n_warmup_steps: int = 0
-
-    def record(self) -> dict[str, Any]:
-        """What a study remembers of its space, to refuse resuming with another one."""
-        return {"metric": self.metric, "direction": self.direction,
-                "params": [dataclasses.asdict(p) for p in self.params]}
-
-
-def label(choice: Any) -> Any:
-    return ",".join(choice) if isinstance(choice, list) else choice
-
-
-def parse_space(text: str, source: str) -> Space:
-    """A space from the text of space.toml; every error names ``source`` and the table."""
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{source}: invalid TOML: {e}") from None
-    settings = raw.pop("search", {})
-    unknown = set(settings) - SETTINGS
-    if unknown:
-        raise ConfigError(f"{source}: [search] has unknown keys {sorted(unknown)} "
-                          f"(known: {sorted(SETTINGS)})")
-    params = tuple(_param(name, table, source) for name, table in raw.items())
-    if not params:
-        raise ConfigError(f"{source}: no settings to search (one table per setting, e.g. [learning_rate])")
-    names = [p.name for p in params]
-    if len(set(names)) < len(names):
-        raise ConfigError(f"{source}: a setting is searched twice: {names}")
-    metric = settings.get("metric", "eval_loss")
-    if not isinstance(metric, str) or not metric:
-        raise ConfigError(f"{source}: [search] metric must be an evaluation metric's name, got {metric!r}")
-    direction = settings.get("direction", default_direction(metric))
-    if direction not in ("minimize", "maximize"):
-        raise ConfigError(f"{source}: [search] direction={direction!r}: expected 'minimize' or 'maximize'")
-    space = Space(params, metric, direction, n_startup_trials=settings.get("n_startup_trials", 2),
-                  n_warmup_steps=settings.get("n_warmup_steps", 0))
-    for key in ("n_startup_trials", "n_warmup_steps"):
-        value = getattr(space, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"{source}: [search] {key}={value!r}: expected an integer >= 0")
-    return space
-
-
-def default_direction(metric: str) -> str:
-    return "minimize" if metric.endswith(("loss", "perplexity")) else "maximize"
-
-
-def _param(name: str, table: Any, source: str) -> Param:
-    where = f"{source}: [{name}]"
-    section, key = _owner(name, where)
-    if not isinstance(table, dict) or table.get("type") not in KINDS:
-        raise ConfigError(f"{where}: expected a table with type = \"float\", \"int\" or \"categorical\"")
-    kind = table["type"]
-    unknown = set(table) - KINDS[kind] - {"type"}
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)} for type {kind!r} "
-                          f"(expected {sorted(KINDS[kind])})")
-    if kind == "categorical":
-        choices = table.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise ConfigError(f"{where}: choices must be a non-empty list")
-        for choice in choices:
-            ok = choice is None or isinstance(choice, (bool, int, float, str)) or \
-                (isinstance(choice, list) and all(isinstance(c, str) for c in choice))
-            if not ok:
-                raise ConfigError(f"{where}: choice {choice!r} must be a number, a string, a boolean "
-                                  "or a list of strings")
-        labels = [label(c) for c in choices]
-        if len(set(map(repr, labels))) < len(labels):
-            raise ConfigError(f"{where}: two choices are the same: {labels}")
-        return Param(key, section, kind, choices=tuple(choices))
-    low, high, number = table.get("low"), table.get("high"), (int,) if kind == "int" else (int, float)
-    for end, value in (("low", low), ("high", high)):
-        if not isinstance(value, number) or isinstance(value, bool):
-            raise ConfigError(f"{where}: {end} must be {'an integer' if kind == 'int' else 'a number'}, "
-                              f"got {value!r}")
-    if low > high:
-        raise ConfigError(f"{where}: low={low} is above high={high}")
-    log, step = table.get("log", False), table.get("step")
-    if not isinstance(log, bool):
-        raise ConfigError(f"{where}: log must be true or false, got {log!r}")
-    if step is not None and (not isinstance(step, number) or isinstance(step, bool) or step <= 0):
-        raise ConfigError(f"{where}: step must be a positive {'integer' if kind == 'int' else 'number'}, "
-                          f"got {step!r}")
-    if log and (low <= 0 or step is not None):
-        raise ConfigError(f"{where}: log = true needs low > 0 and no step")
-    return Param(key, section, kind, low=low, high=high, log=log, step=step)
-
-
-def _owner(name: str, where: str) -> tuple[str, str]:
-    """(section, field) of a space table's name: "r", or "lora.r" when the name is in two sections."""
-    section, _, key = name.rpartition(".")
-    fields = {s: {f.name for f in dataclasses.fields(SCHEMA[s])} for s in SEARCHABLE}
-    owners = [s for s in SEARCHABLE if key in fields[s] and section in ("", s)]
-    if key in NOT_SEARCHABLE:
-        raise ConfigError(f"{where}: {key} is set by the search itself")
-    if not owners:
-        hint = difflib.get_close_matches(key, sorted(fields["train"] | fields["lora"]), n=1)
-        suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise ConfigError(f"{where}: not a [train] or [lora] setting{suggestion}")
-    if len(owners) > 1:
-        raise ConfigError(f"{where}: the name is in [train] and [lora]: "
-                          f"write [\"train.{key}\"] or [\"lora.{key}\"]")
-    return owners[0], key
-
-
-def trial_sections(sections: dict[str, dict], space: Space, values: dict[str, Any]) -> dict[str, dict]:
-    """The base sections with a trial's values (by setting name) in their sections."""
-    out = {name: dict(body) for name, body in sections.items()}
-    for p in space.params:
-        out[p.section][p.name] = values[p.name]
-    return out
-
-
-def check_space(space: Space, sections: dict[str, dict], source: str) -> None:
-    """Every value the space can give makes valid configs with the base: fail now, not at trial 5."""
-    for p in space.params:
-        for value in p.candidates():
-            section = {**sections[p.section], p.name: value}
-            try:
-                build(SCHEMA[p.section], section, p.section, source)
-            except ConfigError as e:
-                raise ConfigError(f"{source}: [{p.name}] value {value!r}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -351,24 +169,15 @@ def pretrained_task(model_config: ModelConfig, data_config: DataConfig, seed: in
     the data is read once, the model once per trial."""
     if not data_config.train_file:
         raise ConfigError(f"{source}: no training data: set --data (data.train_file)")
-    folder = resolve_model(model_config.name_or_path, model_config.revision, model_config.cache_dir)
-    tokenizer = Tokenizer.from_pretrained(folder)
-    train_data, eval_data = load_datasets(data_config, tokenizer, seed=seed)
-    if eval_data is None:
+    loaded = load_data(model_config, data_config, seed=seed)
+    if loaded.eval_data is None:
         raise ConfigError(f"{source}: a search needs evaluation data to compare trials: set data.eval_file "
                           "or data.eval_split")
 
     def new_model(lora_config: LoraConfig) -> nn.Module:
-        model = load_pretrained(folder, dtype=model_config.dtype, quantization=model_config.quantization,
-                                quant_blocksize=model_config.quant_blocksize,
-                                double_quant=model_config.double_quant)
-        if model_config.gradient_checkpointing:
-            enable_gradient_checkpointing(model, offload=model_config.offload_activations)
-        return inject_lora(model, lora_config)
+        return inject_lora(load_base_model(loaded.folder, model_config), lora_config)
 
-    pad = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
-    return Task(new_model, train_data, eval_data, functools.partial(collate, pad_id=pad))
-
+    return Task(new_model, loaded.train_data, loaded.eval_data, loaded.collate_fn)
 
 
 def task_defaults(model_config: ModelConfig, output_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:

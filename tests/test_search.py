@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftloop import search
+from peftloop import search, search_space
 from peftloop.adapter_format import adapter_state_dict
 from peftloop.checkpoint import list_checkpoints, load_adapter, verify_manifest
 from peftloop.config import ConfigError, LoraConfig, TrainConfig
@@ -189,14 +189,14 @@ step = 2
 
 
 def test_space_file_reads_into_params():
-    space = search.parse_space(SPACE, "space.toml")
+    space = search_space.parse_space(SPACE, "space.toml")
     assert [(p.name, p.section, p.kind) for p in space.params] == [
         ("learning_rate", "train", "float"), ("r", "lora", "categorical"),
         ("target_modules", "lora", "categorical"), ("warmup_steps", "train", "int")]
     assert (space.metric, space.direction, space.n_startup_trials) == ("eval_loss", "minimize", 1)
     one = '\n[r]\ntype = "categorical"\nchoices = [4]'
-    assert search.parse_space('[search]\nmetric = "eval_exact_match"' + one, "s").direction == "maximize"
-    assert search.parse_space('[search]\nmetric = "eval_perplexity"' + one, "s").direction == "minimize"
+    assert search_space.parse_space('[search]\nmetric = "eval_exact_match"' + one, "s").direction == "maximize"
+    assert search_space.parse_space('[search]\nmetric = "eval_perplexity"' + one, "s").direction == "minimize"
     # a list choice is offered to optuna as its label and comes back as the list
     study = quiet_study()
     study.enqueue_trial({"target_modules": "q_proj,v_proj"})
@@ -226,17 +226,17 @@ def test_space_file_reads_into_params():
 ])
 def test_space_file_errors_name_the_table(text, message):
     with pytest.raises(ConfigError, match=message):
-        search.parse_space(text, "space.toml")
+        search_space.parse_space(text, "space.toml")
 
 
 def test_every_value_of_the_space_is_checked_against_the_base_before_any_trial():
     sections = {"train": {}, "lora": {"r": 8}, "model": {}, "data": {}}
-    space = search.parse_space('[warmup_ratio]\ntype = "float"\nlow = 0.0\nhigh = 1.5', "space.toml")
+    space = search_space.parse_space('[warmup_ratio]\ntype = "float"\nlow = 0.0\nhigh = 1.5', "space.toml")
     with pytest.raises(ConfigError, match=r"space.toml: \[warmup_ratio\] value 1.5: .*must be in \[0, 1\)"):
-        search.check_space(space, sections, "space.toml")
-    space = search.parse_space('[warmup_steps]\ntype = "float"\nlow = 0.0\nhigh = 10.0', "space.toml")
+        search_space.check_space(space, sections, "space.toml")
+    space = search_space.parse_space('[warmup_steps]\ntype = "float"\nlow = 0.0\nhigh = 10.0', "space.toml")
     with pytest.raises(ConfigError, match=r"\[warmup_steps\] value 0.0"):
-        search.check_space(space, sections, "space.toml")
+        search_space.check_space(space, sections, "space.toml")
 
 
 # -- the study ----------------------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def test_every_value_of_the_space_is_checked_against_the_base_before_any_trial()
 
 def test_study_resumes_marks_interrupted_trials_and_refuses_another_space(tmp_path):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    space = search.parse_space(SPACE, "space.toml")
+    space = search_space.parse_space(SPACE, "space.toml")
     sections = {"train": {"max_steps": 4}, "lora": {}, "model": {}, "data": {}}
     study = search.open_study(tmp_path, space, sections, "median", seed=0)
     done = study.ask()
@@ -261,8 +261,8 @@ def test_study_resumes_marks_interrupted_trials_and_refuses_another_space(tmp_pa
     assert rerun.number == 2 and {p.name: p.suggest(rerun) for p in space.params} == \
         {p.name: p.value_of(killed.params[p.name]) for p in space.params}
     assert [t.number for t in search.finished_trials(again)] == [0] and trials[0].params == {
-        p.name: search.label(v) for p, v in zip(space.params, values.values())}
-    other = search.parse_space(SPACE.replace("choices = [4, 8]", "choices = [4, 16]"), "space.toml")
+        p.name: search_space.label(v) for p, v in zip(space.params, values.values())}
+    other = search_space.parse_space(SPACE.replace("choices = [4, 8]", "choices = [4, 16]"), "space.toml")
     with pytest.raises(ConfigError, match=r"study.db holds a study made with other settings \(space.params"):
         search.open_study(tmp_path, other, sections, "median", seed=0)
     with pytest.raises(ConfigError, match=r"base.train differ"):
