@@ -227,7 +227,8 @@ def train_model(model_config: ModelConfig, data_config: DataConfig, train_values
                                       if model_config.quantization else "")
     print(f"peftloop: {model_config.name_or_path} ({model.config.model_type}, {held}): "
           f"{describe_trainable(model)}")
-    result = train(model, train_data, eval_data, train_config, collate_fn=loaded.collate_fn)
+    result = train(model, train_data, eval_data, train_config, collate_fn=loaded.collate_fn,
+                   tokenizer=loaded.tokenizer)
 
     if data_config.streaming:
         print(f"peftloop: train data {data_config.train_file} (streamed, last pass): "

@@ -109,8 +109,8 @@ POINTERS = {
     "fsdp": "use --strategy fsdp (train.strategy) under torchrun",
     "gradient_checkpointing_kwargs": "nothing to pass: --gradient_checkpointing true is always "
                                      "non-reentrant",
-    "load_best_model_at_end": "no counterpart: --early_stopping_patience N stops on the eval loss; "
-                              "pick a checkpoint-N yourself",
+    "load_best_model_at_end": "no counterpart: --early_stopping_patience N stops on "
+                              "--early_stopping_metric (eval_loss by default); pick a checkpoint-N yourself",
     "load_in_4bit": "use --quantization nf4 (model.quantization: NF4 with --double_quant, QLoRA's recipe)",
     "bnb_4bit_quant_type": "use --quantization nf4 (model.quantization; nf4 is the only 4-bit type)",
     "bnb_4bit_compute_dtype": "use --dtype bf16 (model.dtype: the dtype of everything that is not 4-bit, "

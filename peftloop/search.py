@@ -142,6 +142,8 @@ class Task:
     train_data: Any
     eval_data: Any
     collate_fn: Callable
+    tokenizer: Any = None
+    """Decodes completions for task metrics (None: the demo compares token ids)."""
 
 
 def demo_task(output_dir: Path, seed: int) -> Task:
@@ -177,7 +179,7 @@ def pretrained_task(model_config: ModelConfig, data_config: DataConfig, seed: in
     def new_model(lora_config: LoraConfig) -> nn.Module:
         return inject_lora(load_base_model(loaded.folder, model_config), lora_config)
 
-    return Task(new_model, loaded.train_data, loaded.eval_data, loaded.collate_fn)
+    return Task(new_model, loaded.train_data, loaded.eval_data, loaded.collate_fn, loaded.tokenizer)
 
 
 def task_defaults(model_config: ModelConfig, output_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -259,7 +261,7 @@ def run_trial(study, trial, task: Task, sections: dict[str, dict], space: Space,
         seed_everything(train_config.seed)  # the same seed for every trial: LoRA's init, dropout, data order
         model = task.new_model(lora_config)
         result = train(model, task.train_data, task.eval_data, train_config, collate_fn=task.collate_fn,
-                       trial=trial, trial_metric=space.metric)
+                       tokenizer=task.tokenizer, trial=trial, trial_metric=space.metric)
         value = result.metrics.get(space.metric)
         if value is None:
             raise ConfigError(f"{source}: metric {space.metric!r} is not among the run's metrics "

@@ -31,11 +31,14 @@ def test_train_evaluates_saves_and_generate_shows_the_adapter(base, data, tmp_pa
     assert main(["train", "--model", str(base), "--data", str(data), "--output-dir", str(out),
                  "--max_steps", "24", "--micro_batch_size", "4", "--learning_rate", "1e-2", "--r", "8",
                  "--lora_alpha", "16", "--eval_split", "0.25", "--eval_every", "12",
-                 "--progress_bar", "false"]) == 0
+                 "--eval_generate_max_new_tokens", "10", "--progress_bar", "false"]) == 0
     printed = capsys.readouterr().out
     assert "records -> " in printed and "eval loss" in printed and "adapter (PEFT format)" in printed
     log = read_log(out)
     assert [r["step"] for r in log if "eval_loss" in r] == [12, 24]
+    # the task itself, measured by greedy completions of the held-out prompts: learned by step 24
+    evals = [r for r in log if "eval_exact_match" in r]
+    assert [r["step"] for r in evals] == [12, 24] and evals[-1]["eval_exact_match"] == 1.0
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(base)
     all_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -195,8 +195,9 @@ def test_space_file_reads_into_params():
         ("target_modules", "lora", "categorical"), ("warmup_steps", "train", "int")]
     assert (space.metric, space.direction, space.n_startup_trials) == ("eval_loss", "minimize", 1)
     one = '\n[r]\ntype = "categorical"\nchoices = [4]'
-    assert search_space.parse_space('[search]\nmetric = "eval_exact_match"' + one, "s").direction == "maximize"
-    assert search_space.parse_space('[search]\nmetric = "eval_perplexity"' + one, "s").direction == "minimize"
+    parse = search_space.parse_space
+    assert parse('[search]\nmetric = "eval_exact_match"' + one, "s").direction == "maximize"
+    assert parse('[search]\nmetric = "eval_perplexity"' + one, "s").direction == "minimize"
     # a list choice is offered to optuna as its label and comes back as the list
     study = quiet_study()
     study.enqueue_trial({"target_modules": "q_proj,v_proj"})
