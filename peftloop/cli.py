@@ -44,7 +44,13 @@ import torch
 
 from peftloop.checkpoint import ADAPTER_CONFIG, load_adapter, read_adapter_config
 from peftloop.config import ConfigError, DataConfig, LoraConfig, ModelConfig, TrainConfig
-from peftloop.config_io import SCHEMA, build, canonical_flag, load_toml, parse_overrides, settings_help
+from peftloop.config_io import (
+    SCHEMA,
+    build,
+    canonical_flag,
+    read_sections,
+    settings_help,
+)
 from peftloop.demo import run_demo
 from peftloop.generate import generate, generate_text
 from peftloop.hub import ModelNotFoundError, resolve_model
@@ -156,26 +162,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _sections(args, rest) -> dict[str, dict]:
-    sections: dict[str, dict] = {s: {} for s in SCHEMA}
-    if args.config:
-        for section, values in load_toml(args.config).items():
-            if section not in SCHEMA:
-                raise ConfigError(f"{args.config}: section [{section}] is not used by this command")
-            sections[section].update(values)
-    for section, values in parse_overrides(rest, SCHEMA).items():
-        sections[section].update(values)
+def train_sections(args, rest: list[str]) -> dict[str, dict]:
+    """The settings of ``peftloop train``: --config, the --key value flags, --model, --data and
+    --output-dir, in that order of precedence (the last wins)."""
+    sections = read_sections(args.config, rest, model=args.model, data=args.data)
     if args.output_dir:
         sections["train"]["output_dir"] = args.output_dir
-    if args.model:
-        sections["model"]["name_or_path"] = args.model
-    if args.data:
-        sections["data"]["train_file"] = args.data
     return sections
 
 
 def _train(args, rest) -> int:
-    sections = _sections(args, rest)
+    sections = train_sections(args, rest)
     source = args.config or "command line"
     # validate everything before any work starts
     build(TrainConfig, sections["train"], "train", source)

@@ -152,6 +152,23 @@ def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
     return raw
 
 
+def read_sections(config_file: str | Path | None, flags: list[str], model: str | None = None,
+                  data: str | None = None) -> dict[str, dict[str, Any]]:
+    """{section: {key: value}} for a command: the TOML file's values, overridden by the
+    ``--key value`` flags, then by ``--model`` (model.name_or_path) and ``--data`` (data.train_file)."""
+    sections: dict[str, dict[str, Any]] = {s: {} for s in SCHEMA}
+    if config_file:
+        for section, values in load_toml(config_file).items():
+            sections[section].update(values)
+    for section, values in parse_overrides(flags, SCHEMA).items():
+        sections[section].update(values)
+    if model:
+        sections["model"]["name_or_path"] = model
+    if data:
+        sections["data"]["train_file"] = data
+    return sections
+
+
 def build(cls, values: dict[str, Any], section: str, source: str = "config"):
     """cls(**values), with unknown keys named (a Trainer name gets the key to write instead, any
     other the nearest known key)."""

@@ -65,7 +65,7 @@ import torch
 import torch.nn as nn
 
 from peftloop.config import ConfigError, DataConfig, LoraConfig, ModelConfig, TrainConfig
-from peftloop.config_io import SCHEMA, build, load_toml, parse_overrides
+from peftloop.config_io import build, read_sections
 from peftloop.data import collate
 from peftloop.demo import (
     DEMO_LORA,
@@ -420,16 +420,7 @@ def run_search(args, rest: list[str], check_only: bool = False) -> int:
     validate the config, the space and every value it can give, then return (nothing written)."""
     optuna = require_optuna()
     source = args.config or "command line"
-    sections: dict[str, dict] = {s: {} for s in SCHEMA}
-    if args.config:
-        for section, values in load_toml(args.config).items():
-            sections[section].update(values)
-    for section, values in parse_overrides(rest, SCHEMA).items():
-        sections[section].update(values)
-    if args.model:
-        sections["model"]["name_or_path"] = args.model
-    if args.data:
-        sections["data"]["train_file"] = args.data
+    sections = read_sections(args.config, rest, model=args.model, data=args.data)
     output_dir = Path(args.output_dir or sections["train"].pop("output_dir", None) or "peftloop-search")
     sections["train"].pop("output_dir", None)
     model_config = build(ModelConfig, sections["model"], "model", source)

@@ -153,7 +153,7 @@ def test_dashes_and_underscores_are_the_same_flag_everywhere():
                                                       "--per_device_train_batch_size", "2"])
     for spelled in (["--output-dir", "o", "--max-steps=3"], ["--output_dir", "o", "--max_steps=3"]):
         args, rest = cli.parse_args(["train", *spelled])
-        assert cli._sections(args, rest)["train"] == {"output_dir": "o", "max_steps": 3}
+        assert cli.train_sections(args, rest)["train"] == {"output_dir": "o", "max_steps": 3}
     for spelled in ("--max-new-tokens", "--max_new_tokens"), ("--top-p", "--top_p"), ("--batch-size",
                                                                                       "--batch_size"):
         parsed = [cli.parse_args(["generate", "--prompt", "x", flag, "5"])[0] for flag in spelled]
@@ -206,7 +206,7 @@ def test_the_usual_trainer_flags_make_the_same_config():
             "--warmup_ratio", "0.03", "--lr_scheduler_type", "constant_with_warmup", "--max_length", "512",
             "--torch_dtype", "bfloat16", "--lora_r", "16", "--lora_alpha", "32"]
     args, rest = cli.parse_args(argv)
-    sections = cli._sections(args, rest)
+    sections = cli.train_sections(args, rest)
     train = build(TrainConfig, sections["train"], "train")
     assert (train.learning_rate, train.micro_batch_size, train.grad_accum) == (1e-4, 2, 8)
     assert train.num_epochs == 3
