@@ -42,6 +42,7 @@ meta-llama/Llama-2-7b-hf ...`` runs as written, on a stand-in of the same name.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -202,19 +203,22 @@ def sandbox(assets, tmp_path, monkeypatch):
 
 
 def run_cli(argv: list[str], where: str, run: bool) -> None:
-    """peftloop's CLI in-process; parse-only replaces the work of each command by validation."""
-    from peftloop import cli
+    """peftloop's CLI in-process; parse-only replaces the work of each command by validation.
+    A search is never run for real here (minutes of trials): it validates its config, its space
+    and every value the space can give (``check_only``), or with parse-only its arguments alone."""
+    from peftloop import cli, search
 
     out, err = io.StringIO(), io.StringIO()
-    patches = {}
+    patches = {"run_search": functools.partial(search.run_search, check_only=True)}
     if not run:
         def validate_train(args, rest):
-            sections = cli._sections(args, rest)
+            sections = cli.train_sections(args, rest)
             for name, cls in cli.SCHEMA.items():
                 cli.build(cls, sections[name], name, args.config or "command line")
             return 0
 
-        patches = {"_train": validate_train, "_generate": lambda args: 0, "_merge": lambda args: 0}
+        patches = {"_train": validate_train, "_generate": lambda args: 0, "_merge": lambda args: 0,
+                   "run_search": lambda args, rest: 0}
     saved = {name: getattr(cli, name) for name in patches}
     try:
         for name, fn in patches.items():
