@@ -44,13 +44,7 @@ import torch
 
 from peftloop.checkpoint import ADAPTER_CONFIG, load_adapter, read_adapter_config
 from peftloop.config import ConfigError, DataConfig, LoraConfig, ModelConfig, TrainConfig
-from peftloop.config_io import (
-    SCHEMA,
-    build,
-    canonical_flag,
-    read_sections,
-    settings_help,
-)
+from peftloop.config_io import SCHEMA, build, canonical_flag, read_sections
 from peftloop.demo import run_demo
 from peftloop.generate import generate, generate_text
 from peftloop.hub import ModelNotFoundError, resolve_model
@@ -65,6 +59,7 @@ from peftloop.models.loading import source_name
 from peftloop.pretrained import load_base_model, load_data
 from peftloop.records import DataError, parse_record, read_jsonl
 from peftloop.search import add_search_parser, run_search
+from peftloop.settings_help import settings_help
 from peftloop.tokenizer import Tokenizer
 from peftloop.train import seed_everything, train
 

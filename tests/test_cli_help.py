@@ -21,15 +21,10 @@ import pytest
 
 from peftloop import cli
 from peftloop.config import ConfigError, LoraConfig, TrainConfig
-from peftloop.config_io import (
-    ALIASES,
-    POINTERS,
-    SCHEMA,
-    TRAIN_GROUPS,
-    build,
+from peftloop.config_io import ALIASES, POINTERS, SCHEMA, TRAIN_GROUPS, build, parse_overrides
+from peftloop.settings_help import (
     field_docs,
     format_value,
-    parse_overrides,
     pointers,
     settings,
     settings_markdown,
