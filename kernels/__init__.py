@@ -25,6 +25,7 @@ from ._dispatch import (
 )
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from .lora_linear import lora_dropout_mask, lora_linear, lora_linear_reference
+from .multi_lora import multi_lora_linear, multi_lora_linear_reference
 from .nf4 import (
     NF4State,
     nf4_dequantize,
@@ -49,6 +50,8 @@ __all__ = [
     "lora_linear",
     "lora_linear_reference",
     "matmul_dtype",
+    "multi_lora_linear",
+    "multi_lora_linear_reference",
     "native_low_precision_cpu",
     "nf4_dequantize",
     "nf4_dequantize_reference",
