@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,14 +171,25 @@ class Shape:
     vocab_size: int
     tie_word_embeddings: bool
     rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    head_dim: int | None = None
+    """Written to config.json only when set (None: hidden_size // num_attention_heads)."""
+    rope_scaling: dict | None = field(default=None, compare=False)
+    """Llama 3's {"rope_type": "llama3", ...}, written to config.json only when set."""
 
     def config_dict(self) -> dict:
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.hidden_size,
-                "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
-                "num_key_value_heads": self.num_key_value_heads, "intermediate_size": self.intermediate_size,
-                "vocab_size": self.vocab_size, "tie_word_embeddings": self.tie_word_embeddings,
-                "rope_theta": self.rope_theta, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
-                "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
+        out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.hidden_size,
+               "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
+               "num_key_value_heads": self.num_key_value_heads, "intermediate_size": self.intermediate_size,
+               "vocab_size": self.vocab_size, "tie_word_embeddings": self.tie_word_embeddings,
+               "rope_theta": self.rope_theta, "max_position_embeddings": self.max_position_embeddings,
+               "rms_norm_eps": 1e-5, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
+               "torch_dtype": "float32"}
+        if self.head_dim is not None:
+            out["head_dim"] = self.head_dim
+        if self.rope_scaling is not None:
+            out["rope_scaling"] = dict(self.rope_scaling)
+        return out
 
     def linear_params(self) -> int:
         """Parameters of the decoder's Linear layers (what LoRA adapts and what the GEMMs touch)."""
@@ -198,4 +209,9 @@ SHAPES = {
     "small": Shape("small", 256, 4, 4, 2, 688, 8192, False),
     # the SmolLM2-135M shape
     "smollm": Shape("smollm", 576, 30, 9, 3, 1536, 49152, True, rope_theta=100000.0),
+    # Llama-3.2-1B's config.json (1.24B parameters; gpu_suite trains it on a GPU)
+    "llama-1b": Shape("llama-1b", 2048, 16, 32, 8, 8192, 128256, True, rope_theta=500000.0,
+                      max_position_embeddings=131072, head_dim=64,
+                      rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
 }
