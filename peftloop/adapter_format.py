@@ -30,6 +30,7 @@ import torch.nn as nn
 from peftloop.config import ConfigError, LoraConfig
 from peftloop.inject import lora_layers, trainable_copies
 from peftloop.lora import LoRALinear, mutates_base
+from peftloop.multi_lora import LoRAAdapter, multi_lora_layers
 
 PREFIX = "base_model.model."  # PEFT's on-disk prefix: PeftModel.base_model (LoraModel).model
 
@@ -78,6 +79,24 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], 
     (``lora_magnitude_vector.weight``). PiSSA/OLoRA layers read the rank-2r form.
     """
     expected = adapter_state_dict(model)
+    renamed = _checked_tensors(model, expected, tensors, strict, source)
+    with torch.no_grad():
+        for name, layer in lora_layers(model).items():
+            if layer.initial_lora_A is None:
+                continue
+            A = renamed.pop(f"{PREFIX}{name}.lora_A.weight", None)
+            B = renamed.pop(f"{PREFIX}{name}.lora_B.weight", None)
+            if A is not None and B is not None:  # strict=False and missing: both halves or nothing
+                _load_rank_2r_factors(layer, A, B)
+        for key, value in renamed.items():
+            expected[key].copy_(value)
+
+
+def _checked_tensors(model: nn.Module, expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+                     strict: bool, source: str) -> dict[str, torch.Tensor]:
+    """``tensors`` under the prefixed keys of ``expected``, refused (naming the key and both
+    shapes) unless every key names an expected tensor of the same shape and, with ``strict``,
+    every expected tensor is there."""
     # PEFT also accepts keys without the prefix (adapters saved from injected-only models).
     renamed = {}
     for k, v in tensors.items():
@@ -98,21 +117,59 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], 
     missing = sorted(set(expected) - set(renamed))
     if strict and missing:
         raise KeyError(f"{source}: {len(missing)} adapter tensor(s) missing, first: {missing[0]!r}")
-    with torch.no_grad():
-        for name, layer in lora_layers(model).items():
-            if layer.initial_lora_A is None:
-                continue
-            A = renamed.pop(f"{PREFIX}{name}.lora_A.weight", None)
-            B = renamed.pop(f"{PREFIX}{name}.lora_B.weight", None)
-            if A is not None and B is not None:  # strict=False and missing: both halves or nothing
-                _load_rank_2r_factors(layer, A, B)
-        for key, value in renamed.items():
-            expected[key].copy_(value)
+    return renamed
 
 
 def _nearest(key: str, expected) -> str:
     hint = difflib.get_close_matches(key, list(expected), n=1, cutoff=0.6)
     return f" (nearest expected key: {hint[0]!r})" if hint else ""
+
+
+# --------------------------------------------------------------------------------------------
+# One adapter of a multi-adapter model (peftloop.multi_lora): the same keys as a single adapter
+
+
+def _adapters_of(model: nn.Module, k: int) -> dict[str, LoRAAdapter]:
+    """Adapter k of every ``MultiLoRALinear`` in ``model``, by module name, in model order."""
+    layers = multi_lora_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no multi-adapter layers (see inject_many)")
+    count = len(next(iter(layers.values())).adapters)
+    if not 0 <= k < count:
+        raise IndexError(f"adapter {k}: the model's multi-adapter layers hold adapters 0..{count - 1}")
+    return {name: layer.adapters[k] for name, layer in layers.items()}
+
+
+def adapter_state_dict_of(model: nn.Module, k: int) -> dict[str, torch.Tensor]:
+    """Adapter k's tensors under PEFT's on-disk keys: what ``adapter_state_dict`` gives for a
+    single-adapter model holding adapter k (the parameters themselves), so
+    ``checkpoint.write_adapter(directory, tensors, model.lora_configs[k])`` writes an adapter
+    that ``load_adapter`` and ``peft.PeftModel.from_pretrained`` load."""
+    out = {}
+    for name, adapter in _adapters_of(model, k).items():
+        out[f"{PREFIX}{name}.lora_A.weight"] = adapter.lora_A.weight
+        out[f"{PREFIX}{name}.lora_B.weight"] = adapter.lora_B.weight
+    return out
+
+
+def adapter_parameters_of(model: nn.Module, k: int) -> list[nn.Parameter]:
+    """Adapter k's trainable parameters (its A and B in every layer)."""
+    params = []
+    for adapter in _adapters_of(model, k).values():
+        params += [adapter.lora_A.weight, adapter.lora_B.weight]
+    return params
+
+
+def load_adapter_state_dict_of(model: nn.Module, k: int, tensors: dict[str, torch.Tensor],
+                               strict: bool = True, source: str = "adapter") -> None:
+    """Copy PEFT-keyed tensors (one single adapter's) into adapter k, checked as
+    ``load_adapter_state_dict`` checks them: nothing is copied unless every key names one of
+    adapter k's tensors with the same shape (and, with ``strict``, none is missing)."""
+    expected = adapter_state_dict_of(model, k)
+    renamed = _checked_tensors(model, expected, tensors, strict, f"{source} (adapter {k})")
+    with torch.no_grad():
+        for key, value in renamed.items():
+            expected[key].copy_(value)
 
 
 # --------------------------------------------------------------------------------------------

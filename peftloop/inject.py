@@ -14,13 +14,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
-from peftloop.config import LoraConfig
+from peftloop.config import LoraConfig, mutates_base
 from peftloop.lora import BASE_LAYERS, LoRALinear, TrainableCopy
 from peftloop.modules import adapter_internals, matches, output_head_names, replace_module
+from peftloop.multi_lora import AdapterSpec, LoRAAdapter, MultiLoRALinear, multi_lora_layers
 from peftloop.nf4 import NF4Linear
 
 
@@ -86,6 +88,100 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         config = dataclasses.replace(config, base_model_name_or_path=model.name_or_path)
     model.lora_config = config
     return model
+
+
+def inject_many(model: nn.Module, configs: Sequence[LoraConfig], seeds: Sequence[int]) -> list[torch.Tensor]:
+    """Freeze ``model`` and wrap every target of the configs in one ``MultiLoRALinear`` holding
+    K = len(configs) adapters; works in place. All configs must target the same modules.
+
+    Adapter k's initial A and B equal, tensor for tensor, what ``seed_everything(seeds[k]);
+    inject_lora(model, configs[k])`` gives on the same base: its adapters are drawn layer after
+    layer, in model order, from torch's generator seeded with ``seeds[k]`` (``seed_everything``
+    seeds python and numpy too, but the init draws from torch's generators only). The caller's
+    RNG states are restored afterwards. Returns, per adapter, the torch CPU RNG state right after
+    its initialisation: what ``train()`` alone would go on to draw dropout from (put them in
+    ``RowRouting.rng_states``). The resolved configs are stored as ``model.lora_configs``
+    ("all-linear" becomes the matched names, as ``inject_lora`` stores ``model.lora_config``).
+
+    Plain LoRA and rsLoRA only, per config its own r, lora_alpha, rank/alpha patterns and dropout:
+    DoRA, PiSSA/OLoRA init and modules_to_save are refused.
+    """
+    configs, seeds = list(configs), list(seeds)
+    if not configs or len(configs) != len(seeds):
+        raise ValueError(f"inject_many: {len(configs)} configs and {len(seeds)} seeds; give one seed per "
+                         "config, and at least one")
+    if multi_lora_layers(model):
+        raise ValueError("inject_many: the model already has multi-adapter layers")
+    for i, config in enumerate(configs):
+        _check_multi_config(i, config)
+    targets = _targets_of(model, 0, configs[0])
+    for i, config in enumerate(configs[1:], start=1):
+        _check_same_targets(model, i, config, configs[0], targets)
+    model.requires_grad_(False)
+    bases = {name: model.get_submodule(name) for name in targets}
+    adapters: dict[str, list[LoRAAdapter]] = {name: [] for name in targets}
+    states = []
+    cuda = sorted({p.device.index or 0 for p in [*model.parameters(), *model.buffers()] if p.is_cuda})
+    with torch.random.fork_rng(devices=cuda):
+        for seed, config in zip(seeds, configs):
+            torch.manual_seed(seed)
+            for name, base in bases.items():
+                r, alpha = config.rank_and_alpha_for(name)
+                spec = AdapterSpec(r, alpha, config.lora_dropout, config.use_rslora)
+                device = (base.packed_weight if isinstance(base, NF4Linear) else base.weight).device
+                adapters[name].append(LoRAAdapter(base.in_features, base.out_features, spec, device,
+                                                  config.init_lora_weights))
+            states.append(torch.get_rng_state())
+    for name, base in bases.items():
+        replace_module(model, name, MultiLoRALinear(base, adapters[name]))
+    model.lora_configs = [_resolved_config(model, config, targets) for config in configs]
+    return states
+
+
+def _check_multi_config(i: int, config: LoraConfig) -> None:
+    unsupported = {
+        "use_dora": (config.use_dora, "DoRA (use_dora=True)"),
+        "init_lora_weights": (mutates_base(config.init_lora_weights),
+                              f"init_lora_weights={config.init_lora_weights!r} (PiSSA/OLoRA change the base "
+                              "weight, which the adapters share)"),
+        "modules_to_save": (bool(config.modules_to_save), f"modules_to_save={config.modules_to_save!r}"),
+    }
+    for key, (used, what) in unsupported.items():
+        if used:
+            raise ValueError(f"inject_many: configs[{i}] uses {what}; the multi-adapter layer supports plain "
+                             f"LoRA and rsLoRA only ({key} must be left at its default)")
+
+
+def _check_same_targets(model: nn.Module, i: int, config: LoraConfig, first: LoraConfig,
+                        targets: list[str]) -> None:
+    """All adapters live in the same layers: config i must resolve to config 0's modules."""
+    theirs = _targets_of(model, i, config)
+    if theirs == targets:
+        return
+    key = next((k for k in ("target_modules", "exclude_modules") if getattr(config, k) != getattr(first, k)),
+               "target_modules")
+    only_theirs, only_first = sorted(set(theirs) - set(targets)), sorted(set(targets) - set(theirs))
+    raise ValueError(
+        f"inject_many: configs[{i}] targets other modules than configs[0] ({key}: "
+        f"{getattr(config, key)!r} vs {getattr(first, key)!r}); only in configs[{i}]: "
+        f"{only_theirs[:3] or '-'}, only in configs[0]: {only_first[:3] or '-'}. Every adapter of a "
+        "multi-adapter model must adapt the same layers")
+
+
+def _targets_of(model: nn.Module, i: int, config: LoraConfig) -> list[str]:
+    try:
+        return resolve_targets(model, config)
+    except ValueError as e:
+        raise ValueError(f"inject_many: configs[{i}]: {e}") from None
+
+
+def _resolved_config(model: nn.Module, config: LoraConfig, targets: list[str]) -> LoraConfig:
+    """The config as ``inject_lora`` stores it: "all-linear" resolved, the base's name filled in."""
+    if config.target_modules == "all-linear":
+        config = dataclasses.replace(config, target_modules=sorted({n.split(".")[-1] for n in targets}))
+    if config.base_model_name_or_path is None and getattr(model, "name_or_path", None):
+        config = dataclasses.replace(config, base_model_name_or_path=model.name_or_path)
+    return config
 
 
 def _modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
