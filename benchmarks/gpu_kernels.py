@@ -3,6 +3,7 @@
     python -m benchmarks.gpu_kernels          # one GPU, about 3-5 minutes (most of it torch.compile)
     python -m benchmarks.gpu_kernels --ops lora_linear,linear_cross_entropy --shapes llama-8b
     python -m benchmarks.gpu_kernels --smoke  # tiny shapes on the CPU (Triton interpreted): checks the script
+    python -m benchmarks.gpu_kernels --budget 120   # stop starting new cases after 120 s (gpu_suite)
 
 Providers: "peftloop" runs the op under ``backend("triton")`` (the fused kernels), "eager"
 runs its plain-torch reference (``backend("reference")``), "compile" runs
@@ -11,11 +12,16 @@ Metrics: time in ms (p50, with p20 and p80, from ``triton.testing.do_bench``) an
 memory the op adds on top of its inputs (``torch.cuda.max_memory_allocated``), plus the
 largest difference between the peftloop and eager outputs as a sanity check.
 
+The cases run the kernels and eager first, every shape, then ``torch.compile`` (the slow part:
+it compiles each case), so a ``--budget`` that runs out drops compile figures before kernel ones;
+the cases left out and any case that raised are listed in the JSON (``skipped``, ``errors``).
+
 Results go to benchmarks/results/gpu_kernels-<gpu>-<date>.json (one record per measurement, in the
 schema of Liger's benchmark CSV: kernel, provider, mode, metric, unit, x, p50/p20/p80; the GPU is
 the file's "machine") and a markdown table beside it (.md).
 
-Not run yet: this machine has no GPU. The first GPU run should commit its results.
+Not run yet on a GPU: ``python -m benchmarks.gpu_suite`` runs it there with the kernel tests and the
+end-to-end comparison; the first GPU run should commit its results.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 if "--smoke" in sys.argv and not os.environ.get("TRITON_INTERPRET"):
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
@@ -32,7 +39,7 @@ if "--smoke" in sys.argv and not os.environ.get("TRITON_INTERPRET"):
 import torch
 
 import peftloop.kernels as K
-from benchmarks.common import machine, markdown_table, write_results
+from benchmarks.common import RESULTS, machine, markdown_table, write_results
 from peftloop.kernels import backend
 
 
@@ -180,12 +187,12 @@ def measure(op: str, shape: Shape, provider: str, device, smoke: bool) -> list[d
     return records
 
 
-def _gpu_name(device) -> str:
+def gpu_name(device) -> str:
     """The GPU and its CUDA version (as every benchmark names a GPU machine), or the smoke test's label."""
     return machine() if device.type == "cuda" else "cpu (smoke test, Triton interpreted)"
 
 
-def write(records: list[dict], device) -> None:
+def write(records: list[dict], device, results=RESULTS, skipped=(), errors=()) -> None:
     rows = []
     index = {(r["kernel"], r["x"], r["mode"], r["provider"], r["metric"]): r for r in records}
     for kernel, x, mode in sorted({(r["kernel"], r["x"], r["mode"]) for r in records}):
@@ -195,12 +202,17 @@ def write(records: list[dict], device) -> None:
         mem = f"{m['peftloop']['p50']:.0f} / {m['eager']['p50']:.0f}" if m["peftloop"] and m["eager"] else "-"
         rows.append((kernel, x, mode, _cell(t["peftloop"]), _cell(t["eager"]), _cell(t["compile"]),
                      speed, mem))
-    gpu = _gpu_name(device)
+    gpu = gpu_name(device)
     body = ["bf16. Time: p50 ms (p20-p80). Memory: peak MiB over the inputs. Speed-up: eager / peftloop.", "",
             *markdown_table(["kernel", "shape", "mode", "peftloop", "eager", "compile", "speed-up",
                              "memory peftloop / eager (MiB)"], rows, align="llllllrl")]
+    if skipped:
+        body += ["", f"Not measured (over the time budget): {', '.join('/'.join(c) for c in skipped)}."]
+    for e in errors:
+        body += ["", f"Failed: {e['x']} {e['kernel']} {e['provider']}: `{e['error']}`"]
     write_results("gpu_kernels", records, title=f"Triton kernels vs torch eager and torch.compile ({gpu})",
-                  body=body, machine_name=gpu, libraries=("torch", "triton"), meta={"dtype": "bf16"})
+                  body=body, machine_name=gpu, libraries=("torch", "triton"), results=results,
+                  meta={"dtype": "bf16", "skipped": ["/".join(c) for c in skipped], "errors": list(errors)})
 
 
 def _cell(record: dict | None) -> str:
@@ -213,6 +225,9 @@ def main() -> int:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--providers", default="peftloop,eager,compile")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, Triton interpreted")
+    parser.add_argument("--budget", type=float, default=0.0,
+                        help="seconds: start no new case after this (0: no limit)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the results go")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
 
@@ -225,22 +240,37 @@ def main() -> int:
             return 2
         device, shapes = torch.device("cuda"), [SHAPES[s] for s in args.shapes.split(",")]
     start = time.perf_counter()
-    records = []
-    for shape in shapes:
-        for op in args.ops.split(","):
-            for provider in args.providers.split(","):
-                t0 = time.perf_counter()
-                recs = measure(op, shape, provider, device, args.smoke)
-                records += recs
-                summary = "  ".join(f"{r['mode']} {r['p50']:.3f} {r['unit']}" for r in recs)
-                diff = recs[0]["max_abs_diff_vs_eager"]
-                print(f"{shape.name:9s} {op:22s} {provider:9s} {summary}  "
-                      f"diff {'-' if diff is None else f'{diff:.3g}'}"
-                      f"  ({time.perf_counter() - t0:.1f}s)", flush=True)
-    print(f"total {time.perf_counter() - start:.0f}s")
+    records, skipped, errors = [], [], []
+    for shape, op, provider in plan(shapes, args.ops.split(","), args.providers.split(",")):
+        if args.budget and time.perf_counter() - start > args.budget:
+            skipped.append((shape.name, op, provider))
+            continue
+        t0 = time.perf_counter()
+        try:
+            recs = measure(op, shape, provider, device, args.smoke)
+        except Exception as e:  # one case that fails (a kernel error, out of memory) must not lose the rest
+            errors.append({"x": shape.name, "kernel": op, "provider": provider,
+                           "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"})
+            print(f"{shape.name:9s} {op:22s} {provider:9s} FAILED {errors[-1]['error']}", flush=True)
+            continue
+        records += recs
+        summary = "  ".join(f"{r['mode']} {r['p50']:.3f} {r['unit']}" for r in recs)
+        diff = recs[0]["max_abs_diff_vs_eager"]
+        print(f"{shape.name:9s} {op:22s} {provider:9s} {summary}  "
+              f"diff {'-' if diff is None else f'{diff:.3g}'}"
+              f"  ({time.perf_counter() - t0:.1f}s)", flush=True)
+    print(f"total {time.perf_counter() - start:.0f}s"
+          + (f"; over the budget, not measured: {len(skipped)} case(s)" if skipped else ""))
     if not args.no_save:
-        write(records, device)
-    return 0
+        write(records, device, args.results, skipped, errors)
+    return 1 if errors else 0
+
+
+def plan(shapes: list[Shape], ops: list[str], providers: list[str]) -> list[tuple[Shape, str, str]]:
+    """Every (shape, op, provider), torch.compile last: it takes most of the time (a compilation per
+    case), so a budget that runs out costs compile figures before the kernels' own."""
+    cases = [(shape, op, provider) for shape in shapes for op in ops for provider in providers]
+    return sorted(cases, key=lambda c: c[2] == "compile")  # stable: the order is kept otherwise
 
 
 if __name__ == "__main__":
