@@ -12,9 +12,9 @@ Metrics: time in ms (p50, with p20 and p80, from ``triton.testing.do_bench``) an
 memory the op adds on top of its inputs (``torch.cuda.max_memory_allocated``), plus the
 largest difference between the peftloop and eager outputs as a sanity check.
 
-The cases run the kernels and eager first, every shape, then ``torch.compile`` (the slow part:
-it compiles each case), so a ``--budget`` that runs out drops compile figures before kernel ones;
-the cases left out and any case that raised are listed in the JSON (``skipped``, ``errors``).
+Shape by shape, the cases run the kernels and eager first, then ``torch.compile`` (the slow part:
+it compiles each case), so a ``--budget`` that runs out drops the last shapes and compile figures
+first; the cases left out and any case that raised are listed in the JSON (``skipped``, ``errors``).
 
 Results go to benchmarks/results/gpu_kernels-<gpu>-<date>.json (one record per measurement, in the
 schema of Liger's benchmark CSV: kernel, provider, mode, metric, unit, x, p50/p20/p80; the GPU is
@@ -267,10 +267,12 @@ def main() -> int:
 
 
 def plan(shapes: list[Shape], ops: list[str], providers: list[str]) -> list[tuple[Shape, str, str]]:
-    """Every (shape, op, provider), torch.compile last: it takes most of the time (a compilation per
-    case), so a budget that runs out costs compile figures before the kernels' own."""
-    cases = [(shape, op, provider) for shape in shapes for op in ops for provider in providers]
-    return sorted(cases, key=lambda c: c[2] == "compile")  # stable: the order is kept otherwise
+    """Every (shape, op, provider), shape by shape, and within a shape torch.compile last: it takes
+    most of the time (a compilation per case), so a budget that runs out costs the compile figures
+    of a shape before its kernels' own, and the last shapes before the first."""
+    return [(shape, op, provider) for shape in shapes
+            for compiled in (False, True) for op in ops for provider in providers
+            if (provider == "compile") == compiled]
 
 
 if __name__ == "__main__":
