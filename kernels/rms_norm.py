@@ -9,7 +9,10 @@ or frozen (``requires_grad=False``: the dW reduction is skipped).
 Implementations (see ``_dispatch``):
 - ``rms_norm_reference``: the three lines above; autograd saves the fp32 copy of x.
 - ``RMSNormFunction`` with ``impl="torch"``: saves x (in its own dtype) and the fp32
-  ``rstd`` per row and derives the backward by hand.
+  ``rstd`` per row and derives the backward by hand. Inside
+  ``recompute.recompute_activations()`` the output is not kept by the projections that consume
+  it either (q, k, v or gate, up keep their input for dA): it is made again from x when the
+  backward pass reaches them.
 - ``RMSNormFunction`` with ``impl="triton"``: one program per row forward; backward with
   a fixed number of programs, each looping over a slice of rows and keeping its partial dW
   in registers, summed by torch at the end (deterministic: no atomics).
@@ -17,10 +20,13 @@ Implementations (see ``_dispatch``):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._dispatch import backend_for, interpreting
 from ._triton_utils import cast, new_output, tl, triton
+from .recompute import recomputable
 
 # Rows per backward program are chosen so that there are about this many programs per SM:
 # enough to fill the GPU, few enough that the [programs, H] fp32 partial-dW buffer stays
@@ -161,6 +167,13 @@ def rms_norm_forward_torch(x: torch.Tensor, weight: torch.Tensor, eps: float):
     return y, rstd
 
 
+def rms_norm_output(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str) -> torch.Tensor:
+    """y alone, on the kernel or the torch path: what RMSNormFunction's forward computes, and what a
+    recomputation in the backward pass must repeat bit for bit."""
+    forward = rms_norm_forward_triton if impl == "triton" else rms_norm_forward_torch
+    return forward(x, weight, eps)[0]
+
+
 def rms_norm_backward_torch(dy, x, weight, rstd, need_dw: bool):
     rstd = rstd.unsqueeze(-1)
     normed = x.float() * rstd
@@ -216,7 +229,9 @@ class RMSNormFunction(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``weight * (x / rms(x)).to(x.dtype)`` with HF Llama semantics, dispatched by ``backend_for(x)``.
 
-    Autocast changes nothing here (HF's RMSNorm computes in fp32 under autocast too).
+    Autocast changes nothing here (HF's RMSNorm computes in fp32 under autocast too). Inside
+    ``recompute_activations()`` the result is recomputed from x for whichever op saves it,
+    instead of being kept (not on the reference path, the definition).
     """
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
@@ -224,4 +239,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     if impl == "reference":
         return rms_norm_reference(x, weight, eps)
     with torch.autocast(x.device.type, enabled=False):
-        return RMSNormFunction.apply(x, weight, eps, impl)
+        y = RMSNormFunction.apply(x, weight, eps, impl)
+    return recomputable(y, functools.partial(rms_norm_output, eps=eps, impl=impl), x, weight)

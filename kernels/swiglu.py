@@ -7,18 +7,23 @@ Implementations (see ``_dispatch``):
 - ``swiglu_reference``: ``F.silu(gate) * up``; autograd saves gate, silu(gate) and up.
 - ``SwiGLUFunction`` with ``impl="torch"``: saves only gate and up and recomputes the
   sigmoid in the backward pass (one activation-sized tensor less per MLP), computing the
-  backward in fp32.
+  backward in fp32. Inside ``recompute.recompute_activations()`` the output is not kept by
+  the projection that consumes it either (down_proj keeps its input for dA): it is made again
+  from the saved gate and up when the backward pass reaches that projection.
 - ``SwiGLUFunction`` with ``impl="triton"``: the same, one elementwise kernel each way,
   reading bf16/fp16/fp32 and computing in fp32 (one rounding instead of two in bf16).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from ._dispatch import backend_for, interpreting
 from ._triton_utils import cast, new_output, tl, triton
+from .recompute import recomputable
 
 # Columns per program. 1024 is the block Liger and Unsloth settled on for this memory-bound
 # op (4 warps x 32 lanes x 8 elements). Under the interpreter, 32 makes the small test
@@ -109,6 +114,14 @@ def swiglu_backward_triton(grad: torch.Tensor, gate: torch.Tensor, up: torch.Ten
 # ---------------------------------------------------------------------------------------
 
 
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, impl: str) -> torch.Tensor:
+    """``silu(gate) * up`` on the kernel or the torch path: what SwiGLUFunction's forward computes,
+    and what a recomputation in the backward pass must repeat bit for bit."""
+    if impl == "triton":
+        return swiglu_forward_triton(gate, up)
+    return F.silu(gate) * up
+
+
 def swiglu_backward_torch(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
     g = gate.float()
     sig = torch.sigmoid(g)
@@ -138,9 +151,7 @@ class SwiGLUFunction(torch.autograd.Function):
     def forward(ctx, gate, up, impl):
         ctx.impl = impl
         ctx.save_for_backward(gate, up)
-        if impl == "triton":
-            return swiglu_forward_triton(gate, up)
-        return F.silu(gate) * up
+        return swiglu_forward(gate, up, impl)
 
     @staticmethod
     def backward(ctx, grad):
@@ -154,10 +165,14 @@ class SwiGLUFunction(torch.autograd.Function):
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` (the Llama MLP gate), dispatched by ``backend_for(gate)``."""
+    """``silu(gate) * up`` (the Llama MLP gate), dispatched by ``backend_for(gate)``.
+
+    Inside ``recompute_activations()`` the result is recomputed from gate and up for whichever op
+    saves it (down_proj), instead of being kept (not on the reference path, the definition)."""
     if gate.shape != up.shape:
         raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
     impl = backend_for(gate)
     if impl == "reference":
         return swiglu_reference(gate, up)
-    return SwiGLUFunction.apply(gate, up, impl)
+    out = SwiGLUFunction.apply(gate, up, impl)
+    return recomputable(out, functools.partial(swiglu_forward, impl=impl), gate, up)
