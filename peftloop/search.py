@@ -53,6 +53,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -79,9 +80,17 @@ from peftloop.inject import inject_lora
 from peftloop.models import load_pretrained, save_pretrained
 from peftloop.models.llama import LlamaForCausalLM
 from peftloop.pretrained import load_base_model, load_data
-from peftloop.search_space import Space, check_space, default_direction, parse_space, trial_sections
+from peftloop.search_space import (
+    Space,
+    check_groups,
+    check_space,
+    default_direction,
+    parse_space,
+    trial_sections,
+)
 from peftloop.search_summary import write_summary
 from peftloop.train import NonFiniteError, seed_everything, train
+from peftloop.train_many import SHARED_KEYS, Job, train_many
 
 try:  # POSIX: one search at a time per output folder
     import fcntl
@@ -135,15 +144,19 @@ def require_optuna():
 
 @dataclass
 class Task:
-    """Fresh models from one base, and the data: what every trial trains on."""
+    """Fresh base models and the data: what every trial trains on."""
 
-    new_model: Callable[[LoraConfig], nn.Module]
-    """A fresh base model with LoRA injected by the given config."""
+    new_base: Callable[[], nn.Module]
+    """A fresh base model, without adapters (``train_many`` injects a group's adapters itself)."""
     train_data: Any
     eval_data: Any
     collate_fn: Callable
     tokenizer: Any = None
     """Decodes completions for task metrics (None: the demo compares token ids)."""
+
+    def new_model(self, lora_config: LoraConfig) -> nn.Module:
+        """A fresh base model with LoRA injected by the given config."""
+        return inject_lora(self.new_base(), lora_config)
 
 
 def demo_task(output_dir: Path, seed: int) -> Task:
@@ -158,35 +171,35 @@ def demo_task(output_dir: Path, seed: int) -> Task:
     rng = random.Random(seed)
     eval_words = random_words(DEMO_EVAL_WORDS, rng)
     train_words = random_words(4000, rng, exclude=set(eval_words))
-
-    def new_model(lora_config: LoraConfig) -> nn.Module:
-        return inject_lora(load_pretrained(base_dir, dtype="fp32"), lora_config)
-
-    return Task(new_model, [to_example(tokenizer, w) for w in train_words],
-                [to_example(tokenizer, w) for w in eval_words], collate)
+    train_data = [to_example(tokenizer, w) for w in train_words]
+    eval_data = [to_example(tokenizer, w) for w in eval_words]
+    return Task(lambda: load_pretrained(base_dir, dtype="fp32"), train_data, eval_data, collate)
 
 
 def pretrained_task(model_config: ModelConfig, data_config: DataConfig, seed: int, source: str) -> Task:
     """A Hugging Face checkpoint (hub id or folder) and JSONL data, as ``peftloop train`` loads them;
-    the data is read once, the model once per trial."""
+    the data is read once, the model once per trial (once per group with --parallel)."""
     if not data_config.train_file:
         raise ConfigError(f"{source}: no training data: set --data (data.train_file)")
     loaded = load_data(model_config, data_config, seed=seed)
     if loaded.eval_data is None:
         raise ConfigError(f"{source}: a search needs evaluation data to compare trials: set data.eval_file "
                           "or data.eval_split")
-
-    def new_model(lora_config: LoraConfig) -> nn.Module:
-        return inject_lora(load_base_model(loaded.folder, model_config), lora_config)
-
-    return Task(new_model, loaded.train_data, loaded.eval_data, loaded.collate_fn, loaded.tokenizer)
+    return Task(lambda: load_base_model(loaded.folder, model_config), loaded.train_data, loaded.eval_data,
+                loaded.collate_fn, loaded.tokenizer)
 
 
-def task_defaults(model_config: ModelConfig, output_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def task_defaults(model_config: ModelConfig, output_dir: Path,
+                  parallel: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
     """([train], [lora]) values that base.toml's override: the demo's short trials, or what
-    ``peftloop train`` assumes (LoRA on every linear layer but the head)."""
+    ``peftloop train`` assumes (LoRA on every linear layer but the head). Trials trained together
+    (``parallel`` > 1) share the base, so the demo's trained copy of the head (modules_to_save) is
+    left out of their LoRA: ``--modules_to_save none`` makes a --parallel 1 search the same."""
     if model_config.name_or_path is None:
-        return DEMO_SEARCH_TRAIN, {**DEMO_LORA, "base_model_name_or_path": str(output_dir / "base")}
+        lora = {**DEMO_LORA, "base_model_name_or_path": str(output_dir / "base")}
+        if parallel > 1:
+            lora.pop("modules_to_save")
+        return DEMO_SEARCH_TRAIN, lora
     return {}, {"target_modules": "all-linear", "base_model_name_or_path": model_config.name_or_path}
 
 
@@ -234,21 +247,42 @@ def finished_trials(study) -> list:
 
 
 def search(study, task: Task, sections: dict[str, dict], space: Space, n_trials: int, output_dir: Path,
-           source: str) -> None:
-    """Ask, run and tell trials until ``n_trials`` have finished; the summary after each."""
+           source: str, parallel: int = 1) -> None:
+    """Ask, run and tell trials until ``n_trials`` have finished; the summary after each (after each
+    group with ``parallel`` > 1: ``search_in_groups``)."""
+    if parallel > 1:
+        search_in_groups(study, task, sections, space, n_trials, parallel, output_dir, source)
+        return
     while len(finished_trials(study)) < n_trials:
         try:
-            run_trial(study, study.ask(), task, sections, space, output_dir, source)
+            run_trial(study, plan_trial(study.ask(), sections, space, output_dir, source), task, space,
+                      source)
         finally:  # a trial that stops the search with its error is in the summary too
             write_summary(study, space, output_dir)
 
 
-def run_trial(study, trial, task: Task, sections: dict[str, dict], space: Space, output_dir: Path,
-              source: str) -> None:
-    """One trial, told to the study: complete (the metric's final value), pruned, or failed. A
-    diverged trial (NonFiniteError, a NaN metric) fails and the search goes on; any other error
-    fails it and stops the search."""
-    optuna = require_optuna()
+@dataclass
+class PlannedTrial:
+    """An asked trial with its values and the configs they make."""
+
+    trial: Any
+    values: dict[str, Any]
+    train_config: TrainConfig
+    lora_config: LoraConfig
+
+    @property
+    def number(self) -> int:
+        return self.trial.number
+
+    def group_key(self) -> tuple:
+        """What the trials of one group share: train_many's SHARED_KEYS and the adapted modules (one
+        forward pass runs under one precision, on one device, through one set of target layers)."""
+        return (*(getattr(self.train_config, key) for key in SHARED_KEYS),
+                repr(self.lora_config.target_modules), repr(self.lora_config.exclude_modules))
+
+
+def plan_trial(trial, sections: dict[str, dict], space: Space, output_dir: Path, source: str) -> PlannedTrial:
+    """The trial's values (the sampler picks them now) and its configs; its output folder is trial-N."""
     values = {p.name: p.suggest(trial) for p in space.params}
     trial_dir = output_dir / f"trial-{trial.number}"
     sections = trial_sections(sections, space, values)
@@ -256,36 +290,146 @@ def run_trial(study, trial, task: Task, sections: dict[str, dict], space: Space,
     lora_config = build(LoraConfig, sections["lora"], "lora", source)
     trial.set_user_attr("output_dir", str(trial_dir))
     print(f"[search] trial {trial.number}: {describe(values)}", flush=True)
+    return PlannedTrial(trial, values, train_config, lora_config)
+
+
+def run_trial(study, planned: PlannedTrial, task: Task, space: Space, source: str) -> None:
+    """One trial, told to the study: complete (the metric's final value), pruned, or failed. A
+    diverged trial (NonFiniteError, a NaN metric) fails and the search goes on; any other error
+    fails it and stops the search."""
+    optuna = require_optuna()
+    trial, train_config = planned.trial, planned.train_config
     start = time.perf_counter()
     try:
         seed_everything(train_config.seed)  # the same seed for every trial: LoRA's init, dropout, data order
-        model = task.new_model(lora_config)
+        model = task.new_model(planned.lora_config)
         result = train(model, task.train_data, task.eval_data, train_config, collate_fn=task.collate_fn,
                        tokenizer=task.tokenizer, trial=trial, trial_metric=space.metric)
-        value = result.metrics.get(space.metric)
-        if value is None:
-            raise ConfigError(f"{source}: metric {space.metric!r} is not among the run's metrics "
-                              f"({', '.join(sorted(result.metrics))})")
-        if not math.isfinite(value):
-            raise NonFiniteError(f"{space.metric} is {value}")
+        value = final_value(result, space, source)
     except optuna.TrialPruned as e:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         print(f"[search] trial {trial.number}: {e} ({time.perf_counter() - start:.0f} s)", flush=True)
         return
     except NonFiniteError as e:
-        trial.set_user_attr("error", f"diverged: {e}")
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        print(f"[search] trial {trial.number} failed: diverged: {e}", flush=True)
+        tell_diverged(study, trial, e)
         return
     except Exception as e:
         trial.set_user_attr("error", f"{type(e).__name__}: {e}")
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         raise
+    tell_complete(study, planned, result, value, space, time.perf_counter() - start)
+
+
+def final_value(result, space: Space, source: str) -> float:
+    """The trial's value: its metric at the end; a NaN or infinite one is a divergence."""
+    value = result.metrics.get(space.metric)
+    if value is None:
+        raise ConfigError(f"{source}: metric {space.metric!r} is not among the run's metrics "
+                          f"({', '.join(sorted(result.metrics))})")
+    if not math.isfinite(value):
+        raise NonFiniteError(f"{space.metric} is {value}")
+    return value
+
+
+def tell_complete(study, planned: PlannedTrial, result, value: float, space: Space, seconds: float) -> None:
+    trial = planned.trial
     trial.set_user_attr("steps", result.global_step)
-    trial.set_user_attr("adapter", str(trial_dir / "adapter"))
+    trial.set_user_attr("adapter", str(Path(planned.train_config.output_dir) / "adapter"))
     study.tell(trial, value)
     print(f"[search] trial {trial.number}: {space.metric} {value:.4f} after {result.global_step} steps "
-          f"({time.perf_counter() - start:.0f} s)", flush=True)
+          f"({seconds:.0f} s)", flush=True)
+
+
+def tell_diverged(study, trial, error: Exception) -> None:
+    optuna = require_optuna()
+    trial.set_user_attr("error", f"diverged: {error}")
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    print(f"[search] trial {trial.number} failed: diverged: {error}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# --parallel K: trials trained K at a time on one base (train_many)
+
+
+def search_in_groups(study, task: Task, sections: dict[str, dict], space: Space, n_trials: int, parallel: int,
+                     output_dir: Path, source: str) -> None:
+    """Trials trained together, up to ``parallel`` at a time, in one process over one base model.
+
+    Trials that cannot share a forward pass (different target modules, precision or device:
+    ``PlannedTrial.group_key``) run in separate groups: the asked trials wait in a pool, and each
+    round trains the largest group of the pool that can run as one, after topping the pool up to
+    ``parallel`` trials (never asking more than the trials still to finish). A pruned trial stops;
+    its group runs on. The study is told each trial's outcome when its group ends."""
+    waiting: list[PlannedTrial] = []
+    while len(finished_trials(study)) < n_trials:
+        still_to_finish = n_trials - len(finished_trials(study)) - len(waiting)
+        for _ in range(max(0, min(parallel - len(waiting), still_to_finish))):
+            waiting.append(plan_trial(study.ask(), sections, space, output_dir, source))
+        group = largest_group(waiting, parallel)
+        taken = {p.number for p in group}
+        waiting = [p for p in waiting if p.number not in taken]
+        try:
+            run_group(study, group, task, space, source)
+        finally:
+            write_summary(study, space, output_dir)
+
+
+def largest_group(waiting: list[PlannedTrial], parallel: int) -> list[PlannedTrial]:
+    """Up to ``parallel`` waiting trials that can train together: the most numerous kind, the kind
+    of the earliest asked trial on a tie (so that no trial waits for ever)."""
+    kinds: dict[tuple, list[PlannedTrial]] = {}
+    for planned in waiting:
+        kinds.setdefault(planned.group_key(), []).append(planned)
+    return max(kinds.values(), key=len)[:parallel]  # max keeps the first of equals: insertion order
+
+
+def run_group(study, group: list[PlannedTrial], task: Task, space: Space, source: str) -> None:
+    """One group trained together by train_many, each trial told its outcome. A group of one runs as
+    ``run_trial`` (train_many gives what train() gives). A group that diverges (NonFiniteError out
+    of train_many) cannot say whose step it was: its trials run again one at a time, from scratch,
+    so that the diverged one fails alone. Any other error fails them all and stops the search."""
+    optuna = require_optuna()
+    if len(group) == 1:
+        run_trial(study, group[0], task, space, source)
+        return
+    print(f"[search] trials {', '.join(str(p.number) for p in group)} train together", flush=True)
+    jobs = [Job(task.train_data, p.lora_config, p.train_config, task.eval_data, collate_fn=task.collate_fn,
+                trial=p.trial, trial_metric=space.metric) for p in group]
+    try:
+        results = train_many(task.new_base(), jobs)
+    except NonFiniteError as e:
+        print(f"[search] the group diverged ({e}): its trials run again one at a time", flush=True)
+        for planned in group:
+            shutil.rmtree(planned.train_config.output_dir, ignore_errors=True)
+            run_trial(study, planned, task, space, source)
+        return
+    except Exception as e:
+        for planned in group:
+            planned.trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+            study.tell(planned.trial, state=optuna.trial.TrialState.FAIL)
+        raise
+    for planned, result in zip(group, results):
+        tell_group_result(study, planned, result, space, source)
+
+
+def tell_group_result(study, planned: PlannedTrial, result, space: Space, source: str) -> None:
+    """A grouped trial's outcome, as run_trial tells it. Its seconds in the summary are its own
+    (train_many's train_runtime_s: from the group's start to the step it ended at), not the group's."""
+    optuna = require_optuna()
+    trial, seconds = planned.trial, result.metrics["train_runtime_s"]
+    trial.set_user_attr("seconds", round(seconds, 1))
+    if result.metrics.get("pruned"):
+        trial.set_user_attr("steps", result.global_step)
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        print(f"[search] trial {trial.number}: pruned after step {result.global_step} ({space.metric} "
+              f"{result.metrics[space.metric]:.4f}) ({seconds:.0f} s)", flush=True)
+        return
+    try:
+        value = final_value(result, space, source)
+    except NonFiniteError as e:
+        tell_diverged(study, trial, e)
+        return
+    tell_complete(study, planned, result, value, space, seconds)
 
 
 def describe(values: dict[str, Any]) -> str:
@@ -345,6 +489,10 @@ def add_search_parser(subparsers) -> argparse.ArgumentParser:
                                     "eval_loss)")
     p.add_argument("--direction", choices=["minimize", "maximize"],
                    help="default: minimize a loss or perplexity, maximize anything else")
+    p.add_argument("--parallel", type=int, default=1, metavar="K",
+                   help="train K trials at a time, in one process over one base model (trials that "
+                        "cannot share one forward pass, e.g. other target_modules, run in separate "
+                        "groups); default 1")
     p.add_argument("--model", help="base model: a Hugging Face Hub id or a local folder (model.name_or_path)")
     p.add_argument("--data", help="training data: a JSONL file (data.train_file)")
     return p
@@ -367,10 +515,14 @@ def run_search(args, rest: list[str], check_only: bool = False) -> int:
     space = read_space(args, demo=model_config.name_or_path is None)
     if args.n_trials < 1:
         raise ConfigError(f"--n-trials must be >= 1, got {args.n_trials}")
-    train_defaults, lora_defaults = task_defaults(model_config, output_dir)
+    if args.parallel < 1:
+        raise ConfigError(f"--parallel must be >= 1, got {args.parallel}")
+    train_defaults, lora_defaults = task_defaults(model_config, output_dir, args.parallel)
     sections["train"] = {**train_defaults, **sections["train"]}
     sections["lora"] = {**lora_defaults, **sections["lora"]}
     check_space(space, sections, args.space or "the demo's space")
+    if args.parallel > 1:
+        check_groups(space, sections, args.space or "the demo's space")
     train_config = build(TrainConfig, sections["train"], "train", source)
     build(LoraConfig, sections["lora"], "lora", source)
     if check_only:
@@ -389,7 +541,7 @@ def run_search(args, rest: list[str], check_only: bool = False) -> int:
             task = demo_task(output_dir, train_config.seed)
         else:
             task = pretrained_task(model_config, data_config, train_config.seed, source)
-        search(study, task, sections, space, args.n_trials, output_dir, source)
+        search(study, task, sections, space, args.n_trials, output_dir, source, args.parallel)
         table = write_summary(study, space, output_dir)
     best = table["best_trial"]
     if best is None:

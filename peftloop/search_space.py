@@ -10,7 +10,7 @@ from typing import Any
 
 import tomllib
 
-from peftloop.config import ConfigError
+from peftloop.config import ConfigError, LoraConfig, TrainConfig
 from peftloop.config_io import SCHEMA, build
 
 SEARCHABLE = ("train", "lora")
@@ -19,7 +19,8 @@ NOT_SEARCHABLE = {"output_dir", "resume_from_checkpoint", "base_model_name_or_pa
 KINDS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
          "categorical": {"choices"}}
 SETTINGS = {"metric", "direction", "n_startup_trials", "n_warmup_steps"}
-
+GROUP_METRICS = ("eval_loss", "eval_perplexity")
+"""What train_many's evaluations log: the metrics a --parallel search can optimize."""
 
 
 @dataclass(frozen=True)
@@ -187,3 +188,35 @@ def check_space(space: Space, sections: dict[str, dict], source: str) -> None:
                 build(SCHEMA[p.section], section, p.section, source)
             except ConfigError as e:
                 raise ConfigError(f"{source}: [{p.name}] value {value!r}: {e}") from None
+
+
+def check_groups(space: Space, sections: dict[str, dict], source: str) -> None:
+    """--parallel K trains trials together with train_many, which holds plain LoRA and rsLoRA adapters
+    and evaluates the loss only: refuse now what no group could train, for the base and for every
+    value the space can give (values that only need equal partners, like target_modules, are the
+    driver's to group)."""
+    if space.metric not in GROUP_METRICS:
+        raise ConfigError(f"{source}: --parallel: metric {space.metric!r} is not logged by trials trained "
+                          f"together (only {', '.join(GROUP_METRICS)}): use --parallel 1")
+    settings = [("the base config", sections)]
+    settings += [(f"[{p.name}] value {value!r}",
+                  {**sections, p.section: {**sections[p.section], p.name: value}})
+                 for p in space.params for value in p.candidates()]
+    for where, body in settings:
+        why = group_refusal(build(TrainConfig, body["train"], "train", source),
+                            build(LoraConfig, body["lora"], "lora", source))
+        if why:
+            raise ConfigError(f"{source}: {where}: --parallel: {why}; use --parallel 1")
+
+
+def group_refusal(train: TrainConfig, lora: LoraConfig) -> str | None:
+    """Why a trial with these configs cannot train in a group (train_many, inject_many), or None."""
+    if lora.use_dora:
+        return "DoRA (use_dora) cannot share a base with other adapters"
+    if lora.mutates_base:
+        return f"init_lora_weights={lora.init_lora_weights!r} changes the base, which a group shares"
+    if lora.modules_to_save:
+        return "modules_to_save trains copies of base modules, which a group shares"
+    if train.eval_generate_max_new_tokens:
+        return "evaluation by generation (eval_generate_max_new_tokens) is not done in a group"
+    return None

@@ -23,7 +23,8 @@ def summary(study, space: Space) -> dict[str, Any]:
         elif "error" in t.user_attrs:
             state = f"failed: {t.user_attrs['error']}"
         steps = t.user_attrs.get("steps", max(t.intermediate_values, default=None))
-        seconds = t.duration.total_seconds() if t.duration is not None else None
+        # a trial trained in a group (--parallel) records its own seconds: its group ended later
+        seconds = t.user_attrs.get("seconds", t.duration.total_seconds() if t.duration is not None else None)
         rows.append({"trial": t.number, "state": state, "value": t.value, "steps": steps,
                      "seconds": None if seconds is None else round(seconds, 1),
                      "params": {p.name: p.value_of(t.params[p.name])

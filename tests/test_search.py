@@ -279,6 +279,75 @@ def test_one_search_per_folder_at_a_time(tmp_path):
         pass
 
 
+def test_a_killed_group_leaves_every_trial_of_it_to_run_again(tmp_path):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = search_space.parse_space(SPACE, "space.toml")
+    sections = {"train": {"max_steps": 4}, "lora": {}, "model": {}, "data": {}}
+    study = search.open_study(tmp_path, space, sections, "median", seed=0)
+    group = [study.ask() for _ in range(3)]  # a group of three running when the search was killed
+    asked = [{p.name: p.suggest(t) for p in space.params} for t in group]
+    again = search.open_study(tmp_path, space, sections, "median", seed=0)
+    assert [t.state.name for t in again.get_trials()] == ["FAIL"] * 3 + ["WAITING"] * 3
+    reruns = [again.ask() for _ in range(3)]
+    assert [t.user_attrs["retry_of"] for t in again.get_trials()[3:]] == [0, 1, 2]
+    assert [{p.name: p.suggest(t) for p in space.params} for t in reruns] == asked
+    assert search.finished_trials(again) == []
+
+
+def planned(number: int, tmp_path, target_modules, precision="fp32") -> search.PlannedTrial:
+    return search.PlannedTrial(argparse.Namespace(number=number), {},
+                               TrainConfig(output_dir=str(tmp_path / f"trial-{number}"), precision=precision),
+                               LoraConfig(target_modules=target_modules))
+
+
+def test_a_group_is_the_largest_set_of_waiting_trials_that_can_share_a_forward_pass(tmp_path):
+    qv, every = ["q_proj", "v_proj"], "all-linear"
+    waiting = [planned(0, tmp_path, qv), planned(1, tmp_path, every), planned(2, tmp_path, every),
+               planned(3, tmp_path, qv, precision="bf16"), planned(4, tmp_path, every)]
+    assert [p.number for p in search.largest_group(waiting, 4)] == [1, 2, 4]
+    assert [p.number for p in search.largest_group(waiting, 2)] == [1, 2]
+    # a tie goes to the kind of the earliest asked trial, so a lone kind is not left waiting for ever;
+    # precision is a kind of its own (one forward pass, one autocast)
+    assert [p.number for p in search.largest_group(waiting[:2], 4)] == [0]
+    assert [p.number for p in search.largest_group([waiting[4], waiting[3], waiting[0]], 4)] == [4]
+    assert [p.number for p in search.largest_group([waiting[3], waiting[0]], 4)] == [3]
+
+
+@pytest.mark.parametrize("space_text, message", [
+    ('[search]\nmetric = "eval_exact_match"\n[r]\ntype = "categorical"\nchoices = [4]',
+     r"--parallel: metric 'eval_exact_match' is not logged by trials trained together"),
+    ('[use_dora]\ntype = "categorical"\nchoices = [false, true]',
+     r"\[use_dora\] value True: --parallel: DoRA"),
+    ('[init_lora_weights]\ntype = "categorical"\nchoices = [true, "pissa"]',
+     r"\[init_lora_weights\] value 'pissa': --parallel: .*changes the base"),
+    ('[eval_generate_max_new_tokens]\ntype = "int"\nlow = 0\nhigh = 8',
+     r"\[eval_generate_max_new_tokens\] value 8: --parallel: evaluation by generation"),
+])
+def test_parallel_refuses_what_no_group_can_train_before_any_trial(space_text, message):
+    space = search_space.parse_space(space_text, "space.toml")
+    sections = {"train": {"max_steps": 4}, "lora": {"target_modules": "all-linear"}, "model": {}, "data": {}}
+    search_space.check_space(space, sections, "space.toml")  # fine one at a time
+    with pytest.raises(ConfigError, match=message):
+        search_space.check_groups(space, sections, "space.toml")
+    with pytest.raises(ConfigError, match=r"the base config: --parallel: modules_to_save"):
+        search_space.check_groups(search_space.parse_space('[r]\ntype = "int"\nlow = 2\nhigh = 4', "s"),
+                                  {**sections, "lora": {"modules_to_save": ["lm_head"]}}, "s")
+
+
+def test_the_demo_search_in_groups_leaves_out_the_trained_head_copy(tmp_path):
+    parser = argparse.ArgumentParser()
+    search.add_search_parser(parser.add_subparsers(dest="command"))
+    for parallel in ("1", "4"):
+        args, rest = parser.parse_known_args(["search", "--n-trials", "8", "--parallel", parallel,
+                                              "--output-dir", str(tmp_path / parallel)])
+        assert search.run_search(args, rest, check_only=True) == 0
+    train_defaults, one = search.task_defaults(search.ModelConfig(), tmp_path, parallel=1)
+    _, grouped = search.task_defaults(search.ModelConfig(), tmp_path, parallel=4)
+    assert one["modules_to_save"] == ["lm_head"] and "modules_to_save" not in grouped
+    assert {k: v for k, v in one.items() if k != "modules_to_save"} == grouped
+    assert not (tmp_path / "1").exists() and not (tmp_path / "4").exists()
+
+
 def test_command_errors_are_reported_before_any_work(tmp_path, capsys):
     out = tmp_path / "out"
     flags = ["--output-dir", str(out)]
@@ -288,6 +357,8 @@ def test_command_errors_are_reported_before_any_work(tmp_path, capsys):
     assert "--space is needed" in capsys.readouterr().err
     assert search.main(["--n-trials", "0", *flags]) == 2
     assert "--n-trials must be >= 1" in capsys.readouterr().err
+    assert search.main(["--n-trials", "2", "--parallel", "0", *flags]) == 2
+    assert "--parallel must be >= 1" in capsys.readouterr().err
     assert search.main(["--n-trials", "2", "--max_stepz", "3", *flags]) == 2
     assert "max_stepz" in capsys.readouterr().err
     assert not out.exists()
