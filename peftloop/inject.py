@@ -104,7 +104,7 @@ def inject_many(model: nn.Module, configs: Sequence[LoraConfig], seeds: Sequence
     ("all-linear" becomes the matched names, as ``inject_lora`` stores ``model.lora_config``).
 
     Plain LoRA and rsLoRA only, per config its own r, lora_alpha, rank/alpha patterns and dropout:
-    DoRA, PiSSA/OLoRA init and modules_to_save are refused.
+    DoRA, PiSSA/OLoRA init, modules_to_save and the output head as a target are refused.
     """
     configs, seeds = list(configs), list(seeds)
     if not configs or len(configs) != len(seeds):
@@ -117,6 +117,12 @@ def inject_many(model: nn.Module, configs: Sequence[LoraConfig], seeds: Sequence
     targets = _targets_of(model, 0, configs[0])
     for i, config in enumerate(configs[1:], start=1):
         _check_same_targets(model, i, config, configs[0], targets)
+    heads = sorted(output_head_names(model) & set(targets))
+    if heads:
+        # The loss runs the head on the labelled tokens only, flattened: its rows are not the batch's.
+        raise ValueError(f"inject_many: the configs target the output head {heads[0]!r}; the multi-adapter "
+                         "layer routes batch rows, which the head does not see (leave it out of "
+                         "target_modules)")
     model.requires_grad_(False)
     bases = {name: model.get_submodule(name) for name in targets}
     adapters: dict[str, list[LoRAAdapter]] = {name: [] for name in targets}
