@@ -197,7 +197,8 @@ def parse_pytest(output: str) -> dict:
             key = "errors" if kind.startswith("error") else kind
             if key in counts:
                 counts[key] = int(n)
-    collected = re.findall(r"(?:collected|\[)\s*(\d+) items", output)
+    # "collected 60 items / 4 deselected / 56 selected", or xdist's "8 workers [56 items]"
+    collected = re.findall(r"(\d+) selected", output) or re.findall(r"(?:collected|\[)\s*(\d+) items", output)
     return {**counts, "collected": int(collected[-1]) if collected else None,
             "failures": sorted(t for t, v in outcome.items() if v in ("FAILED", "ERROR"))}
 
