@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peftloop import kernels
+from peftloop.models.attention import DocumentBuckets, attend_by_document, attention_plans
 from peftloop.models.checkpointing import checkpoint_layer
 
 # model_type -> the architecture name transformers writes in config.json. Every family is the
@@ -350,6 +351,8 @@ class Attention(nn.Module):
         self.qk_norm = config.qk_norm
 
     def forward(self, x, cos, sin, attn_mask, kv_cache=None):
+        """``attn_mask``: what ``attention_plans`` chose for this layer's window: None (plain
+        causal), a ``DocumentBuckets`` (packed rows, attention per document) or a boolean mask."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -361,7 +364,7 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
         # No mask means plain causal attention over the whole cache: aligned at the top left for a
-        # prefill (T == S) and attend-to-everything for one new token (T == 1); build_attention_mask
+        # prefill (T == S) and attend-to-everything for one new token (T == 1); attention_plans
         # returns a mask in every other case.
         is_causal = attn_mask is None and T > 1
         # q may be fp32 (RoPE with fp32 tables) while v is bf16 under autocast: attend in one dtype.
@@ -369,11 +372,15 @@ class Attention(nn.Module):
         # bf16 on a CPU without bf16 hardware: attend in fp32 on the bf16 values (4x faster
         # backward there, same products; kernels.matmul_dtype), then round once.
         compute = kernels.matmul_dtype(v)
-        y = F.scaled_dot_product_attention(
-            q.to(compute), k.to(compute), v.to(compute), attn_mask=attn_mask, is_causal=is_causal,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        ).to(dtype)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        q, k, v = q.to(compute), k.to(compute), v.to(compute)
+        enable_gqa = self.n_kv_heads != self.n_heads
+        if isinstance(attn_mask, DocumentBuckets):
+            y = attend_by_document(q, k, v, attn_mask, enable_gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                               enable_gqa=enable_gqa)
+            y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.o_proj(y.to(dtype))
 
 
 class MLP(nn.Module):
@@ -422,9 +429,10 @@ class LlamaModel(nn.Module):
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
-        # one mask per distinct window (full attention is window None), built once for all layers
-        masks = {window: build_attention_mask(attention_mask, position_ids, T, past, window)
-                 for window in {layer.attention_window for layer in self.layers}}
+        # one plan per distinct window (full attention is window None), built once for all layers:
+        # plain causal, per document (packed rows) or a dense mask (see peftloop.models.attention)
+        windows = {layer.attention_window for layer in self.layers}
+        masks = attention_plans(attention_mask, position_ids, T, past, windows)
         for i, layer in enumerate(self.layers):
             cache = kv_caches[i] if kv_caches is not None else None
             attn_mask = masks[layer.attention_window]
@@ -433,54 +441,6 @@ class LlamaModel(nn.Module):
             else:
                 x = layer(x, cos, sin, attn_mask, cache)
         return self.norm(x)
-
-
-def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
-    """True where a new document begins: column 0, and wherever the position id is not the
-    previous one + 1 (a packed example restarts at 0; two length-1 documents in a row are 0, 0).
-    Transformers detects packed sequences the same way."""
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    return starts
-
-
-def build_attention_mask(attention_mask, position_ids, T: int, past: int, sliding_window: int | None = None):
-    """A boolean [B, 1, T, past+T] mask (True = attend), or None when plain causal attention is exact.
-
-    Plain causal attention is exact with no padding in front of or between real tokens, no packed
-    documents and no window cutting anything off, when the queries are the whole sequence (a
-    prefill, past == 0) or a single new token. A mask is needed for padding on the left
-    (generation), for packed sequences (position ids restart at each example: tokens attend only
-    within their own example), and for a sliding window shorter than the sequence (key s is
-    visible from query t when t - s < window, t and s counted in the cache, as transformers does).
-    Right padding needs no mask: pads come after every real token, and their labels are -100.
-    """
-    B = position_ids.shape[0]
-    S = past + T
-    device = position_ids.device
-    packed = past == 0 and T > 1 and bool(document_starts(position_ids)[:, 1:].any())
-    windowed = sliding_window is not None and S > sliding_window
-    padded = attention_mask is not None and not bool(attention_mask[:, :S].bool().all())
-    if padded and not packed and past == 0:
-        am = attention_mask.bool()
-        # right padding only (every row is ones then zeros): causal attention is already exact
-        padded = not bool((am[:, 1:] <= am[:, :-1]).all())
-    if not (packed or windowed or padded) and (past == 0 or T == 1):
-        return None
-    query = torch.arange(past, S, device=device)[:, None]
-    key = torch.arange(S, device=device)[None, :]
-    allowed = key <= query
-    if windowed:
-        allowed &= query - key < sliding_window
-    mask = allowed[None, None].expand(B, 1, T, S).clone()
-    if attention_mask is not None:
-        mask &= attention_mask.bool()[:, None, None, :S]
-    if packed:
-        doc = document_starts(position_ids).cumsum(dim=1)
-        mask &= doc[:, None, :, None] == doc[:, None, None, :]
-    # A query row with nothing to attend to (a left pad) would give NaN; let it see itself.
-    mask |= (query == key)[None, None]
-    return mask
 
 
 class LlamaForCausalLM(nn.Module):
