@@ -95,9 +95,6 @@ class Finished:
     seconds: float
 
 
-_LIVE: set[subprocess.Popen] = set()
-
-
 def _kill(proc: subprocess.Popen) -> None:
     """Kills the child's whole process group (pytest's workers, torch.compile's, ...)."""
     try:
@@ -114,7 +111,6 @@ def run_all(commands: dict[str, list[str]], limit_s: float, env: dict | None = N
     for label, cmd in commands.items():
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace", start_new_session=True)
-        _LIVE.add(proc)
         procs[label], outputs[label] = proc, []
         reader = threading.Thread(target=_echo, args=(proc, label, outputs[label]), daemon=True)
         reader.start()
@@ -130,11 +126,9 @@ def run_all(commands: dict[str, list[str]], limit_s: float, env: dict | None = N
                 rc, timed_out = proc.wait(), True
                 print(f"[{label}] stopped: over its {limit_s:.0f} s budget", flush=True)
             results[label] = Finished(rc, timed_out, "", time.perf_counter() - start)
-    finally:  # a SIGTERM (timeout) or an error of ours: leave no child running
+    finally:  # also after a SIGTERM or an error of ours: nothing a child started outlives it
         for proc in procs.values():
-            if proc.poll() is None:
-                _kill(proc)
-            _LIVE.discard(proc)
+            _kill(proc)
     for reader in readers:
         reader.join(timeout=10)
     for label, finished in results.items():
@@ -426,12 +420,16 @@ def report(parts: dict[str, dict], device: str, smoke: bool, budgets: dict, resu
 
 def _tests_md(r: dict, device: str) -> list[str]:
     lines = [f"## 1. Kernel tests ({'Triton interpreted on the CPU' if 'smoke' in device else 'on the GPU'})",
-             "", f"`{r.get('command', '')}`: {r['status']}; " + ", ".join(
+             "", _command_md(r) + f"{r['status']}; " + ", ".join(
                  f"{r.get(k, 0)} {k}" for k in ("passed", "failed", "errors", "skipped"))
              + f" of {r.get('collected') or '?'} collected, {r['seconds']:.0f} s."]
     if r.get("failures"):
         lines += ["", "Failures:", "", *(f"- `{name}`" for name in r["failures"])]
     return lines + _problem_md(r)
+
+
+def _command_md(r: dict) -> str:
+    return f"`{r['command']}`: " if r.get("command") else ""
 
 
 def _ms(v):
@@ -444,7 +442,7 @@ def _x(v):
 
 def _kernels_md(r: dict) -> list[str]:
     lines = ["## 2. Kernel benchmarks (bf16, forward + backward, p50 ms)", "",
-             f"`{r.get('command', '')}`: {r['status']}, {r.get('measurements', 0)} measurements"
+             _command_md(r) + f"{r['status']}, {r.get('measurements', 0)} measurements"
              + (f" in `{r['results']}`" if r.get("results") else "") + f", {r['seconds']:.0f} s."]
     if r.get("rows"):
         lines += ["", *markdown_table(
@@ -547,6 +545,11 @@ def main() -> int:
             record = run(limit)
         except Exception as e:  # a bug of ours in one part must not lose the others' figures
             record = {"status": "error", "problems": [f"{type(e).__name__}: {e}"]}
+        except SystemExit:  # SIGTERM (an outer timeout): the children are dead; keep what was measured
+            parts[name] = {"status": "killed", "seconds": time.perf_counter() - start, "limit_s": limit,
+                           "problems": ["stopped by SIGTERM"]}
+            report(parts, device, args.smoke, budgets, results)
+            raise
         record.update(seconds=time.perf_counter() - start, limit_s=limit)
         spare = max(0.0, limit - record["seconds"])  # unused time goes to the next part
         parts[name] = record
