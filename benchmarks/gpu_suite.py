@@ -38,14 +38,15 @@ On the lent H200 (the device tool's ``run``, from the repository root, ``timeout
 has torch, triton, transformers, peft, pytest, hypothesis; the editable install maps
 ``peftloop.kernels`` to kernels/, and a link does it where that install fails):
 
-    export PYTHONUNBUFFERED=1; unset TRITON_INTERPRET; python3 -m pip install -q --no-deps
-    --no-build-isolation --no-index -e . >$OUT/setup.log 2>&1; python3 -c 'import peftloop.kernels'
-    2>>$OUT/setup.log || ln -sfn ../kernels peftloop/kernels; timeout 570 python3 -m
-    benchmarks.gpu_suite 2>&1 | tee $OUT/gpu_suite.log; cp benchmarks/results/gpu_*-nvidia-* $OUT/;
-    ls -l $OUT
+    export PYTHONUNBUFFERED=1; unset TRITON_INTERPRET; nvidia-smi >$OUT/setup.log 2>&1;
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >>$OUT/setup.log 2>&1;
+    python3 -c 'import peftloop.kernels' 2>>$OUT/setup.log || ln -sfn ../kernels peftloop/kernels;
+    timeout 570 python3 -m benchmarks.gpu_suite 2>&1 | tee $OUT/gpu_suite.log;
+    cp benchmarks/results/gpu_*-nvidia-* $OUT/; ls -l $OUT
 
-(one line; the four result files and the two logs come back in $OUT: commit the result files
-into benchmarks/results/.)
+(one line: join these; about 8 minutes. The four result files and the two logs come back in $OUT:
+copy the result files into benchmarks/results/ and commit them. To rerun one part with more
+time: ``python3 -m benchmarks.gpu_suite --parts end_to_end --end-to-end-s 400``.)
 """
 
 from __future__ import annotations
