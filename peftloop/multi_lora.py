@@ -119,6 +119,9 @@ class MultiLoRALinear(nn.Module):
                                  f"features, the base {self.in_features} -> {self.out_features}")
         self.adapters = nn.ModuleList(adapters)
         self.routing: RowRouting | None = None
+        # The adapters' RNG states before this layer's last forward draw: what an activation
+        # checkpoint's recomputation must draw from again (see rng_states_for_this_pass).
+        self.states_before_draw: dict[int, torch.Tensor] | None = None
 
     @classmethod
     def from_specs(cls, base_layer: nn.Linear | NF4Linear, specs: Sequence[AdapterSpec],
@@ -147,12 +150,33 @@ class MultiLoRALinear(nn.Module):
             routing = RowRouting(segments=[(0, 0, x.shape[0])])
         adapters = list(self.adapters)
         dropout_ps = [a.lora_dropout if self.training else 0.0 for a in adapters]
+        rng_states = routing.rng_states
+        if rng_states is not None and any(dropout_ps):
+            rng_states = self.rng_states_for_this_pass(rng_states)
         base = self.base_layer.state if self.quantized else self.base_layer.weight
         # The op casts x, W, b and every A and B to the compute dtype itself (autocast's, else x's);
         # the fp32 factors receive fp32 gradients through those casts.
         return multi_lora_linear(x, base, self.base_layer.bias, [a.lora_A.weight for a in adapters],
                                  [a.lora_B.weight for a in adapters], [a.scaling for a in adapters],
-                                 routing.segments, dropout_ps, rng_states=routing.rng_states)
+                                 routing.segments, dropout_ps, rng_states=rng_states)
+
+    def rng_states_for_this_pass(self, rng_states: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """The RNG states this forward pass draws dropout from.
+
+        Activation checkpointing runs a layer's forward pass a second time inside the backward
+        pass, under the global RNG state of the first run, so a ``LoRALinear`` draws the same mask
+        again. The adapters' own states have moved on by then: the recomputation draws from a copy
+        of the states this layer's last forward pass started from, and advances nothing. (A
+        forward pass inside a backward pass is a recomputation; the non-reentrant checkpoint
+        tells them apart the same way, by the autograd graph task running.)"""
+        recomputing = torch._C._current_graph_task_id() != -1
+        if not recomputing:
+            self.states_before_draw = dict(rng_states)  # the tensors are replaced, never modified
+            return rng_states
+        if self.states_before_draw is None:
+            raise RuntimeError("MultiLoRALinear: a forward pass inside a backward pass (an activation "
+                               "checkpoint's recomputation) without a forward pass before it")
+        return dict(self.states_before_draw)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, adapters={len(self.adapters)}"

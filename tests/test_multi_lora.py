@@ -22,6 +22,7 @@ from peftloop.checkpoint import load_adapter, write_adapter
 from peftloop.config import LoraConfig
 from peftloop.inject import inject_lora, inject_many
 from peftloop.lora import LoRALinear
+from peftloop.models import enable_gradient_checkpointing
 from peftloop.multi_lora import (
     AdapterSpec,
     LoRAAdapter,
@@ -291,13 +292,20 @@ def test_peft_loads_one_adapter_of_a_multi_adapter_model(tmp_path, base_dir):
 # A whole model: one fused batch of three adapters' rows against three single-adapter models
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["plain", "nf4"])
-def test_a_fused_batch_equals_three_single_adapter_models(quantized):
+@pytest.mark.parametrize("quantized, checkpointing", [(False, None), (True, None), (False, "recompute"),
+                                                      (False, "offload")],
+                         ids=["plain", "nf4", "plain-checkpointed", "plain-offloaded"])
+def test_a_fused_batch_equals_three_single_adapter_models(quantized, checkpointing):
+    """Dropout on (two of the three adapters). With activation checkpointing the decoder layers run
+    twice, the second time inside the backward pass: the recomputation must draw the masks of the
+    first run and leave the adapters' RNG states where the first run left them."""
     base = tiny_model(seed=5)
     if quantized:
         base = quantize_model(base)
     multi = copy.deepcopy(base)
     states = dict(enumerate(inject_many(multi, CONFIGS, SEEDS)))
+    if checkpointing:
+        enable_gradient_checkpointing(multi, offload=checkpointing == "offload")
     tokens = torch.randint(3, 61, (6, 7), generator=torch.Generator().manual_seed(0))
     segments = [(2, 0, 2), (0, 2, 3), (1, 4, 6)]  # row 3: the base alone
     set_routing(multi, RowRouting(segments, states))
