@@ -602,7 +602,9 @@ def group_checkpoint(runs: list[JobRun], step: int) -> dict | None:
     if not found:
         return None
     record = next(iter(found.values()))["trainer_state"].get("group")
-    if record is None or record["jobs"] != [str(run.output_dir) for run in runs]:
+    same_jobs = record is not None and \
+        [Path(d).resolve() for d in record["jobs"]] == [run.output_dir.resolve() for run in runs]
+    if not same_jobs:
         raise files.CheckpointError(f"train_many: checkpoint-{step} was not written by this group of jobs "
                                     f"({', '.join(str(run.output_dir) for run in runs)})")
     needed = set(record["live"])
