@@ -21,6 +21,8 @@ from peftloop.adapter_format import (
 from peftloop.checkpoint import load_adapter, write_adapter
 from peftloop.config import LoraConfig
 from peftloop.inject import inject_lora, inject_many
+from peftloop.kernels import backend, triton_available
+from peftloop.kernels._dispatch import interpreting
 from peftloop.lora import LoRALinear
 from peftloop.models import enable_gradient_checkpointing
 from peftloop.multi_lora import (
@@ -36,6 +38,8 @@ from peftloop.train import seed_everything
 from tests.helpers import TOKENS, tiny_model
 from tests.helpers import base_dir as base_dir  # fixture
 
+needs_triton = pytest.mark.skipif(not (triton_available() and (torch.cuda.is_available() or interpreting())),
+                                  reason="no Triton")
 SPECS = [AdapterSpec(3, 6.0, 0.3), AdapterSpec(5, 4.0, 0.1, use_rslora=True), AdapterSpec(1, 2.0, 0.5)]
 SEGMENTS = [(1, 0, 3), (0, 3, 5), (2, 6, 9)]  # row 5 belongs to no adapter
 SEEDS = [11, 12, 13]
@@ -99,11 +103,13 @@ def test_an_adapter_is_drawn_as_a_lora_linear_draws_its_factors(init):
         assert torch.equal(after, torch.get_rng_state())
 
 
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("quantized", [False, True], ids=["plain", "nf4"])
-def test_routed_rows_with_dropout_equal_three_lora_linears_on_their_rows(quantized):
+def test_routed_rows_with_dropout_equal_three_lora_linears_on_their_rows(quantized, impl):
     """K = 3, dropout on, rng_states from three seeds: each segment's outputs and gradients equal
     a LoRALinear's on those rows with the global RNG seeded the same way; the states advance as
-    the global one does; the row in no segment gets the base alone."""
+    the global one does; the row in no segment gets the base alone. On the kernels (interpreted
+    on a CPU) the single layers draw a seed where the torch path draws a mask: the same holds."""
     base = torch.nn.Linear(32, 24)
     if quantized:
         base = NF4Linear.from_linear(base)
@@ -112,14 +118,16 @@ def test_routed_rows_with_dropout_equal_three_lora_linears_on_their_rows(quantiz
     x = torch.randn(9, 4, 32, requires_grad=True)
     states = _states([7, 8, 9])
     set_routing(layer, RowRouting(SEGMENTS, states))
-    y = layer(x)
-    g = torch.randn_like(y)
-    y.backward(g)
+    with backend(impl):
+        y = layer(x)
+        g = torch.randn_like(y)
+        y.backward(g)
     for k, start, end in SEGMENTS:
         x_k = x.detach()[start:end].clone().requires_grad_()
         torch.manual_seed(7 + k)
-        y_k = singles[k].train()(x_k)
-        y_k.backward(g[start:end])
+        with backend(impl):
+            y_k = singles[k].train()(x_k)
+            y_k.backward(g[start:end])
         assert torch.equal(states[k], torch.get_rng_state()), f"adapter {k}'s RNG state"
         torch.testing.assert_close(y[start:end], y_k, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(x.grad[start:end], x_k.grad, rtol=1e-6, atol=1e-6)
