@@ -295,6 +295,9 @@ def end_to_end(smoke: bool, limit_s: float, work: Path) -> dict:
         out.unlink(missing_ok=True)
         if child(system, "run_one", *_run_one_args(system, base, "bf16", steps, warmup, work, out)):
             record["speed"][system] = _speed(json.loads(out.read_text()))
+            if "error" in record["speed"][system]:  # run_one's own verdict: a non-finite loss
+                record["problems"].append(f"{system}: {record['speed'][system]['error']}")
+                record["status"] = "failed"
     if all(s in record["speed"] for s in SYSTEMS):
         ours, theirs = record["speed"]["peftloop"], record["speed"]["trainer"]
         record["ratio"] = {k: ours[k] / theirs[k] for k in ("tokens_per_s", "peak_gpu_allocated_mib",
@@ -313,7 +316,7 @@ def parity(record: dict, base: Path, adapter: Path, steps: int, work: Path, limi
         args = _run_one_args(system, base, "fp32", steps, 0, work, out)
         commands[f"parity-{system}"] = [*CHILD, "run_one", *args, "--parity", "--adapter", str(adapter)]
     done = run_all(commands, max(1.0, limit_s), env)
-    if not all(_check(record, label, d) for label, d in done.items()):
+    if not all([_check(record, label, d) for label, d in done.items()]):  # a list: every failure recorded
         return {"dtype": "fp32", "steps": steps}
     losses = {s: json.loads(out.read_text())["losses"] for s, out in outs.items()}
     a, b = losses["peftloop"], losses["trainer"]
