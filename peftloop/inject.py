@@ -110,8 +110,9 @@ def inject_many(model: nn.Module, configs: Sequence[LoraConfig], seeds: Sequence
     if not configs or len(configs) != len(seeds):
         raise ValueError(f"inject_many: {len(configs)} configs and {len(seeds)} seeds; give one seed per "
                          "config, and at least one")
-    if multi_lora_layers(model):
-        raise ValueError("inject_many: the model already has multi-adapter layers")
+    if multi_lora_layers(model) or lora_layers(model):
+        raise ValueError("inject_many: the model already has LoRA layers (inject_lora or inject_many); "
+                         "a single-adapter layer would apply to every adapter's rows")
     for i, config in enumerate(configs):
         _check_multi_config(i, config)
     targets = _targets_of(model, 0, configs[0])

@@ -240,6 +240,12 @@ def test_inject_many_refuses_configs_it_cannot_share():
             inject_many(copy.deepcopy(model), configs, list(range(len(configs))))
     with pytest.raises(ValueError, match="one seed per config"):
         inject_many(model, [plain], [1, 2])
+    for inject in (lambda m: inject_lora(m, LoraConfig(target_modules=["k_proj"])),
+                   lambda m: inject_many(m, [plain], [0])):
+        adapted = copy.deepcopy(model)
+        inject(adapted)
+        with pytest.raises(ValueError, match="already has LoRA layers"):
+            inject_many(adapted, [plain], [0])
 
 
 # ---------------------------------------------------------------------------------------------
