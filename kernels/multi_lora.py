@@ -474,7 +474,7 @@ def segment_tables(plans, factors, rows: int, device, block_m: int) -> SegmentTa
     tile(row, rows, -1)
     if not plans:  # the kernels read segment 0's entries even when no tile has a segment
         plans = [SegmentPlan(0, 0, 0, 0.0, 0.0, None, 0)]
-        factors = [(torch.empty(0, 1), torch.empty(1, 0))]
+        factors = [(torch.zeros(0, 1), torch.zeros(1, 0))]
     ranks = [A.shape[0] for A, _ in factors]
     a_sizes = [A.numel() for A, _ in factors]
     b_sizes = [B.numel() for _, B in factors]
