@@ -172,6 +172,9 @@ def train_many(model: nn.Module, jobs: list[Job]) -> list[TrainResult]:
 
     # ---- 4. the loop: one step of every live job per pass ------------------------------------------
     model.train()
+    for run in runs:
+        if run.result is None and run.state.global_step >= run.total_steps:  # resumed at its last step
+            finish_job(run, model, device, autocast)
     live = [run for run in runs if run.result is None]
     progress = tqdm(total=max((r.total_steps for r in live), default=0),
                     initial=min((r.state.global_step for r in live), default=0), dynamic_ncols=True,
@@ -199,8 +202,10 @@ def train_many(model: nn.Module, jobs: list[Job]) -> list[TrainResult]:
             set_routing(model, RowRouting(segments, rng_states))
             with autocast():
                 losses = summed_losses(model, batch, rows, [run.config.label_smoothing for run, _ in parts])
-            objective = sum(run.scaler.scale(loss / max(tokens[run.index], 1)) for (run, _), loss in
-                            zip(parts, losses))
+            # train()'s loss_scale, 1 / tokens, multiplied as train() multiplies it (not a division,
+            # which can round differently)
+            objective = sum(run.scaler.scale(loss * (1 / max(tokens[run.index], 1)))
+                            for (run, _), loss in zip(parts, losses))
             objective.backward()
             for (run, own), loss in zip(parts, losses):
                 window_loss[run.index] += loss.detach().float() / max(tokens[run.index], 1)
@@ -225,9 +230,6 @@ def train_many(model: nn.Module, jobs: list[Job]) -> list[TrainResult]:
         live = [run for run in live if run.result is None]
         progress.set_postfix_str(f"{len(live)} live")
     progress.close()
-    for run in runs:
-        if run.result is None:  # resumed after every job had finished
-            finish_job(run, model, device, autocast)
     return [run.result for run in runs]
 
 

@@ -164,6 +164,13 @@ def test_a_jobs_checkpoint_holds_its_own_state(tmp_path):
         state = json.loads((folder / f"checkpoint-{last_even}" / "trainer_state.json").read_text())
         assert state["global_step"] == last_even
         assert state["group"]["jobs"] == [j.config.output_dir for j in jobs]
+    # a job's checkpoint is train()'s own: train() alone resumes job 2 from it and ends where the group did
+    job = jobs[2]
+    checkpoint_4 = str(Path(job.config.output_dir) / "checkpoint-4")
+    config = dataclasses.replace(job.config, resume_from_checkpoint=checkpoint_4)
+    alone, _ = train_alone(tiny_model(0), dataclasses.replace(job, config=config), tmp_path / "resumed")
+    ours = load_file(Path(job.config.output_dir) / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(ours[key], value) for key, value in adapter_state_dict(alone).items())
 
 
 WORKER = textwrap.dedent("""
@@ -190,33 +197,40 @@ WORKER = textwrap.dedent("""
 
 def resumable_jobs(out, resume: bool) -> list[Job]:
     """Two jobs with dropout (their streams must come back too), saving every 2 steps (job 1 keeps
-    one checkpoint), job 1 ending first."""
-    jobs = jobs_of(Path(out), dropout=0.1, equal_lengths=True)[::2]
-    jobs[1].config.max_steps = 5
+    one checkpoint): job 0 runs 7 steps, job 1 ends at step 4."""
+    jobs = jobs_of(Path(out), dropout=0.1, equal_lengths=True)[::-2]
     for job, limit in zip(jobs, (0, 1)):
         job.config.save_every, job.config.save_total_limit = 2, limit
         job.config.resume_from_checkpoint = True if resume else None
     return jobs
 
 
-def run_worker(out: Path, kill_at: int, resume: bool) -> int:
+def run_worker(out: Path, kill_at: int, resume: bool) -> subprocess.CompletedProcess:
     code = WORKER.format(root=str(ROOT), out=str(out), kill_at=kill_at, resume=resume)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at", [3, 6])  # mid-run with both jobs live; after job 1 ended (at 5)
-def test_kill_then_resume_equals_the_uninterrupted_group(tmp_path, kill_at):
-    assert run_worker(tmp_path / "whole", 0, resume=False) == 0
-    assert run_worker(tmp_path / "killed", kill_at, resume=False) == -signal.SIGKILL
-    assert run_worker(tmp_path / "killed", 0, resume=True) == 0
+# killed mid-run with both jobs live; after job 1 ended (at 4). The kill comes before step N's
+# checkpoints, so the group resumes from the one before.
+@pytest.mark.parametrize("kill_at, resumed_at", [(3, 2), (6, 4)])
+def test_kill_then_resume_equals_the_uninterrupted_group(tmp_path, kill_at, resumed_at):
+    assert run_worker(tmp_path / "whole", 0, resume=False).returncode == 0
+    assert run_worker(tmp_path / "killed", kill_at, resume=False).returncode == -signal.SIGKILL
+    ended_adapter = tmp_path / "killed" / "a" / "adapter" / "adapter_model.safetensors"
+    ended_before = ended_adapter.stat().st_mtime_ns if kill_at > 4 else None
+    resumed = run_worker(tmp_path / "killed", 0, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"train_many resumed from checkpoint-{resumed_at}" in resumed.stdout
+    if ended_before is not None:  # job 1 had ended at step 4: it is not run again
+        assert ended_adapter.stat().st_mtime_ns == ended_before
     for name in ("a", "c"):
-        whole, resumed = tmp_path / "whole" / name, tmp_path / "killed" / name
+        whole, killed = tmp_path / "whole" / name, tmp_path / "killed" / name
         expected = load_file(whole / "adapter" / "adapter_model.safetensors")
-        got = load_file(resumed / "adapter" / "adapter_model.safetensors")
+        got = load_file(killed / "adapter" / "adapter_model.safetensors")
         assert all(torch.equal(got[k], v) for k, v in expected.items()), name
-        assert logged(resumed) == logged(whole), name
+        assert logged(killed) == logged(whole), name
 
 
 def test_saved_adapters_load_in_peft(tmp_path, base_dir):  # noqa: F811
