@@ -496,8 +496,10 @@ def segment_tables(plans, factors, rows: int, device, block_m: int) -> SegmentTa
         ints([p.seed for p in plans], torch.int64), max(16, triton.next_power_of_2(max(ranks))), mode)
 
 
-def _packed(tensors) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors]) if tensors else None
+def _packed(tensors, like: torch.Tensor) -> torch.Tensor:
+    """The factors one after the other, flat (one zero when there are none: the kernels offset
+    the pointer of segment 0 even when no tile has a segment)."""
+    return torch.cat([t.reshape(-1) for t in tensors]) if tensors else like.new_zeros(1)
 
 
 def _full_mask(plans, rows: int, cols: int, device) -> tuple[torch.Tensor, int, int]:
@@ -529,8 +531,8 @@ def multi_lora_forward_triton(x2, weight, bias, factors, plans):
     u = new_output((M, tables.block_r), x2.dtype, x2.device)
     if M:
         mask, smm, smk = _mask_of(tables, plans, M, K, x2.device)
-        a = _packed([A for A, _ in factors])
-        b = _packed([B for _, B in factors])
+        a = _packed([A for A, _ in factors], x2)
+        b = _packed([B for _, B in factors], x2)
         n_tiles = tables.tile_start.numel()
         _multi_lora_fwd_kernel[lambda meta: (n_tiles * triton.cdiv(N, meta["BLOCK_N"]),)](
             x2, weight, bias, a, b, mask, y, u, *tables.tile_args(), *tables.segment_args(), N, K,
@@ -559,8 +561,8 @@ def multi_lora_backward_triton(g, x2, weight, factors, us, plans, need_x: bool, 
     tables = segment_tables(plans, factors, M, g.device, block_m)
     mask, smm, smk = _mask_of(tables, plans, M, K, g.device)
     opts = dict(BLOCK_R=tables.block_r, BLOCK_M=block_m, DROPOUT=int(tables.dropout), **dot_options(g.device))
-    a = _packed([A for A, _ in factors])
-    b = _packed([B for _, B in factors])
+    a = _packed([A for A, _ in factors], g)
+    b = _packed([B for _, B in factors], g)
     dx = new_output((M, K), g.dtype, g.device) if need_x else None
     need_gb = any(needs_A)
     if M and (need_x or need_gb):

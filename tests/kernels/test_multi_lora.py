@@ -302,14 +302,27 @@ def test_bf16_on_the_cpu_multiplies_as_lora_linear_does(force_cpu_low_precision,
         assert_close(dx[start:end], dx_k.float(), torch.bfloat16, f"dx of adapter {k}")
 
 
-def test_an_adapter_without_rows_gets_no_gradient_and_a_row_in_no_segment_gets_the_base():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_an_adapter_without_rows_gets_no_gradient_and_a_row_in_no_segment_gets_the_base(impl):
     case = Case(ranks=[2, 3], seg_rows=[0, 2], gaps=[1, 0, 1], dtype=torch.float32, needs=[True] * 5)
-    y = multi_lora_linear(case.x, case.weight, case.bias, case.As, case.Bs, case.scalings, case.segments)
-    got, _ = _grads(y, case.inputs, torch.float32)
+    y = run(impl, multi_lora_linear, case.x, case.weight, case.bias, case.As, case.Bs, case.scalings,
+            case.segments)
+    got, g = _grads(y, case.inputs, torch.float32)
     assert got[1] is None and got[3] is None  # adapter 0: zero rows
     assert got[2] is not None and got[4] is not None
     base = torch.nn.functional.linear(case.x.detach(), case.weight, case.bias)
-    assert torch.equal(y[0], base[0]) and torch.equal(y[-1], base[-1])
+    for row in (0, -1):
+        assert_close(y[row], base[row], torch.float32, f"row {row}")
+        assert_close(got[0][row], g[row] @ case.weight, torch.float32, f"dx of row {row}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_batch_without_segments_is_the_base(impl):
+    case = Case(ranks=[2], seg_rows=[0], gaps=[2, 1], dtype=torch.float32, needs=[True] * 3)
+    y = run(impl, multi_lora_linear, case.x, case.weight, case.bias, case.As, case.Bs, case.scalings, [])
+    (dx,) = torch.autograd.grad(y, [case.x], torch.ones_like(y))
+    assert_close(y, torch.nn.functional.linear(case.x.detach(), case.weight, case.bias), torch.float32, "y")
+    assert_close(dx, torch.ones_like(y) @ case.weight, torch.float32, "dx")
 
 
 @pytest.mark.parametrize("segments, message", [
