@@ -85,7 +85,9 @@ def test_per_document_attention_equals_the_dense_mask(rows, dtype, kv_heads, nee
 def test_buckets_group_documents_by_length_class():
     buckets = document_buckets(positions_of([[3, 1, 4, 8], [16]]))
     # classes: 1 -> {1}; (2, 4] -> {3, 4}; (4, 8] -> {8}; (8, 16] -> {16}; each padded to its longest
-    assert [tuple(r.shape) for r in buckets.rows] == [(1, 1), (2, 4), (1, 8), (1, 16)]
+    assert buckets.shapes == [(1, 1), (2, 4), (1, 8), (1, 16)]
+    # the slots hold the tokens, pads repeating their document's first token
+    assert buckets.slots.tolist() == [3, 0, 1, 2, 0, 4, 5, 6, 7, *range(8, 16), *range(16, 32)]
     assert buckets.longest == 16
     # every token appears once in the concatenated outputs
     assert sorted(buckets.inverse.tolist()) == sorted(set(buckets.inverse.tolist()))

@@ -29,18 +29,45 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class DocumentBuckets:
-    """The documents of a packed [B, T] batch as padded batches of equal-length class.
+    """The documents of a packed [B, T] batch as padded batches, one per length class.
 
-    Token (b, t) is number ``b·T + t`` of the flattened batch. Bucket i holds n_i documents padded
-    to cap_i tokens: ``rows[i]`` and ``cols[i]`` ([n_i, cap_i]) are the (b, t) of each slot,
-    ``inverse`` ([B·T]) is each token's place in the concatenated bucket outputs (bucket by bucket,
-    [n_i·cap_i] each)."""
+    Token (b, t) is number ``b·T + t`` of the flattened batch. The slots of all buckets, bucket
+    after bucket, each bucket n documents × cap tokens (row-major), are ``slots`` ([Σ n·cap]: the
+    token each slot holds); ``shapes`` are the (n, cap) of the buckets, ``inverse`` ([B·T]) each
+    token's slot, ``is_pad`` ([Σ n·cap]) the slots that only pad a document."""
 
-    rows: list[torch.Tensor]
-    cols: list[torch.Tensor]
+    slots: torch.Tensor
+    shapes: list[tuple[int, int]]
     inverse: torch.Tensor
+    is_pad: torch.Tensor
     longest: int
     """The longest document (a sliding window at least this long cuts nothing)."""
+
+
+class GatherRows(torch.autograd.Function):
+    r"""``y = x[index]`` along dim 0 where every row of x is read once, except rows whose
+    gradient is known to be zero, read again: the backward pass is a gather too, never a
+    scatter-add (on a CPU, torch's scatter-add for ``index_select`` ran at a few % of a copy's
+    speed and cost more than the attention it served).
+
+        forward:   y = x[index]
+        backward:  dL/dx = (dL/dy)[inverse], with the rows in ``zero_rows`` set to 0
+
+    Exact when ``index[inverse[i]] = i`` for every row i of x, and the gradient of every other
+    row of y is zero, or the row is listed in ``zero_rows`` (rows of dL/dx with no row of y)."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse, zero_rows):
+        ctx.save_for_backward(inverse, zero_rows)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        inverse, zero_rows = ctx.saved_tensors
+        grad_x = grad_y.index_select(0, inverse)
+        if zero_rows is not None:
+            grad_x.masked_fill_(zero_rows.view(-1, *[1] * (grad_x.dim() - 1)), 0)
+        return grad_x, None, None, None
 
 
 def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
@@ -60,7 +87,7 @@ def document_buckets(position_ids: torch.Tensor) -> DocumentBuckets:
     starts = document_starts(position_ids).reshape(-1).nonzero().squeeze(1)
     lengths = torch.diff(starts, append=torch.tensor([B * T], device=device))
     length_class = torch.ceil(torch.log2(lengths.double())).long()  # L in (2^(k-1), 2^k] -> k
-    rows, cols = [], []
+    slots, shapes, pads = [], [], []
     inverse = torch.empty(B * T, dtype=torch.long, device=device)
     placed = 0
     for k in length_class.unique().tolist():
@@ -70,25 +97,39 @@ def document_buckets(position_ids: torch.Tensor) -> DocumentBuckets:
         offset = torch.arange(cap, device=device)
         real = offset[None, :] < length[:, None]
         token = torch.where(real, first[:, None] + offset[None, :], first[:, None])  # pads: the first token
-        rows.append(token // T)
-        cols.append(token % T)
         slot = placed + torch.arange(token.numel(), device=device).view_as(token)
         inverse[token[real]] = slot[real]
+        slots.append(token.reshape(-1))
+        pads.append(~real.reshape(-1))
+        shapes.append((len(first), cap))
         placed += token.numel()
-    return DocumentBuckets(rows, cols, inverse, int(lengths.max()))
+    return DocumentBuckets(torch.cat(slots), shapes, inverse, torch.cat(pads), int(lengths.max()))
 
 
 def attend_by_document(q, k, v, buckets: DocumentBuckets, enable_gqa: bool) -> torch.Tensor:
     """Causal attention within each document: q [B, H, T, D], k and v [B, H_kv, T, D] ->
-    [B, T, H·D] (the layout o_proj reads)."""
+    [B, T, H·D] (the layout o_proj reads).
+
+    A pad slot's gradient is exactly zero (its output is never read back, so dL/dq = 0 there; its
+    key and value are seen only by the pad queries after it, whose dL/dy is 0), so the gather of
+    q, k and v is undone by a gather (``GatherRows``) with nothing to add up."""
     B, H, T, D = q.shape
+
+    def by_bucket(x):
+        # one gather per tensor for all buckets, then views of it
+        rows = x.transpose(1, 2).reshape(B * T, x.shape[1], D)
+        slots = GatherRows.apply(rows, buckets.slots, buckets.inverse, None)
+        sizes = [n * cap for n, cap in buckets.shapes]
+        return [part.view(n, cap, x.shape[1], D).transpose(1, 2)
+                for part, (n, cap) in zip(slots.split(sizes), buckets.shapes)]
+
     outputs = []
-    for rows, cols in zip(buckets.rows, buckets.cols):
-        # q[rows, :, cols] is [n, cap, H, D]: the advanced indices go first
-        q_b, k_b, v_b = (x[rows, :, cols].transpose(1, 2) for x in (q, k, v))
+    for q_b, k_b, v_b in zip(by_bucket(q), by_bucket(k), by_bucket(v)):
         y = F.scaled_dot_product_attention(q_b, k_b, v_b, is_causal=True, enable_gqa=enable_gqa)
         outputs.append(y.transpose(1, 2).reshape(-1, H * D))
-    return torch.cat(outputs).index_select(0, buckets.inverse).view(B, T, H * D)
+    # back to token order; the pad slots get a zero gradient
+    y = GatherRows.apply(torch.cat(outputs), buckets.inverse, buckets.slots, buckets.is_pad)
+    return y.view(B, T, H * D)
 
 
 def build_attention_mask(attention_mask, position_ids, T: int, past: int, sliding_window: int | None = None):
