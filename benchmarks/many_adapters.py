@@ -41,7 +41,9 @@ job's training loss fused and alone, a check that the modes train the same jobs.
 fused run whose memory, estimated from the sequential runs, would not fit in the available memory
 is skipped and says so. Results: ``benchmarks/results/many_adapters-<machine>-<date>.{json,md,png}``
 (the plot: tokens/s and peak RSS against K, per mode and shape). On a GPU the default shape is
-Llama-3.2-1B's (``llama-1b``) and the GPU's peak allocated memory is reported too.
+Llama-3.2-1B's (``llama-1b``, bf16), and the GPU's peak allocated memory is reported too
+(``torch.cuda.max_memory_allocated``, concurrent: the sum; each process's CUDA context is not in
+it) with its fused / concurrent ratio.
 """
 
 from __future__ import annotations
@@ -290,8 +292,8 @@ def too_big(mode: str, k: int, single: dict) -> str | None:
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """Per (shape, K): fused / sequential tokens/s, fused / concurrent peak RSS, the targets at K = 4,
-    and the largest |train loss fused - alone| over the jobs."""
+    """Per (shape, K): fused / sequential tokens/s, fused / concurrent peak RSS (and GPU memory), the
+    targets at K = 4, and the largest |train loss fused - alone| over the jobs."""
     out = []
     for shape, k in dict.fromkeys((r["shape"], r["k"]) for r in rows):
         by_mode = {r["mode"]: r for r in rows if (r["shape"], r["k"]) == (shape, k) and "skipped" not in r}
@@ -302,6 +304,8 @@ def ratios(rows: list[dict]) -> list[dict]:
                      if fused and seq else None)
         row = {"shape": shape, "k": k, "fused_over_sequential_tokens_per_s": speedup,
                "fused_over_concurrent_peak_rss": memory, "max_train_loss_diff": loss_diff}
+        if fused and conc and fused["peak_gpu_mib"] is not None:
+            row["fused_over_concurrent_peak_gpu"] = fused["peak_gpu_mib"] / conc["peak_gpu_mib"]
         if k == TARGET_K:
             row["speedup_target_met"] = None if speedup is None else speedup >= TARGET_SPEEDUP
             row["memory_target_met"] = None if memory is None else memory <= TARGET_MEMORY
@@ -341,12 +345,15 @@ def tables(rows: list[dict], summary: list[dict], gpu: bool) -> list[str]:
     ratio_rows = [(s["shape"], s["k"],
                    ratio(s["fused_over_sequential_tokens_per_s"], s.get("speedup_target_met")),
                    ratio(s["fused_over_concurrent_peak_rss"], s.get("memory_target_met")),
-                   ratio(s["max_train_loss_diff"], fmt="{:.1e}")) for s in summary]
+                   ratio(s["max_train_loss_diff"], fmt="{:.1e}"),
+                   *((ratio(s.get("fused_over_concurrent_peak_gpu")),) if gpu else ())) for s in summary]
     return [*lines, "",
             *markdown_table(["shape", "K", f"tokens/s fused / sequential (target at K = {TARGET_K}: "
                                            f">= {TARGET_SPEEDUP}x)",
                              f"peak RSS fused / concurrent (target at K = {TARGET_K}: <= {TARGET_MEMORY}x)",
-                             "max abs train loss fused - alone"], ratio_rows, align="lrrrr")]
+                             "max abs train loss fused - alone",
+                             *(["peak GPU memory fused / concurrent"] if gpu else [])], ratio_rows,
+                            align="lrrrrr")]
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:
@@ -442,7 +449,7 @@ def measure_shape(args, shape: str, tmp: Path) -> list[dict]:
     base = write_base(args.known[shape], folder)
     rows = []
     for k in ks_for(args, shape):
-        single = None
+        single, done = None, {}
         for mode in ("sequential", "fused", "concurrent"):  # sequential first: its runs size the others
             reason = too_big(mode, k, single) if single and k > 1 else None
             if reason:
@@ -451,13 +458,14 @@ def measure_shape(args, shape: str, tmp: Path) -> list[dict]:
             else:
                 row = {"shape": shape, **run_mode(args, base, mode, k, tmp / f"{shape}-{k}-{mode}")}
                 single = single or max(row["runs"], key=lambda r: r["peak_rss_mib"])
-            rows.append(row)
+            done[mode] = row
             shutil.rmtree(tmp / f"{shape}-{k}-{mode}", ignore_errors=True)
             print(f"{shape:8s} K={k} {mode:10s} " + (reason or (
                 f"{row['tokens_per_s']:7.0f} tokens/s, wall {row['wall_s']:6.1f} s, peak RSS "
                 f"{row['peak_rss_mib']:6.0f} MiB (sampled {row['sampled_rss_mib']:.0f}, private "
                 f"{row['sampled_anon_mib']:.0f}), losses {[round(x, 4) for x in row['train_losses']]}")),
                 flush=True)
+        rows += [done[mode] for mode in MODES]
     return rows
 
 
