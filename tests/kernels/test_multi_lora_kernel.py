@@ -164,7 +164,8 @@ def _draw_case(data, dtype, max_k=4):
     out_f = data.draw(st.sampled_from([5, 19, 35]), label="out")
     seq = data.draw(st.integers(1, 3), label="seq")
     seed = data.draw(st.integers(0, 99), label="seed")
-    return Case(ranks, seg_rows, gaps, dtype, needs, seed=seed, in_f=in_f, out_f=out_f, seq=seq)
+    bias = data.draw(st.booleans(), label="bias")
+    return Case(ranks, seg_rows, gaps, dtype, needs, seed=seed, in_f=in_f, out_f=out_f, seq=seq, bias=bias)
 
 
 # ---------------------------------------------------------------------------------------
