@@ -181,7 +181,9 @@ def run_trainer(args, data, clock: StepClock, losses: list[float], *, collator=N
     ``sampling``: the Trainer's train_sampling_strategy ("group_by_length" groups by length)."""
     import transformers
 
-    if collator == "flattening":  # padding-free: one row per micro-batch, position ids restart per example
+    # padding-free: one row per micro-batch, position ids restart per example; transformers then masks
+    # attention block-diagonally (sdpa too) when there is no KV cache, as under the Trainer (use_cache=False)
+    if collator == "flattening":
         collator = transformers.DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
     model = _peft_model(args)
 
