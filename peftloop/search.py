@@ -1,7 +1,8 @@
 """Hyperparameter search with optuna: ``peftloop search``.
 
     peftloop search [--config base.toml] [--space space.toml] --n-trials N [--pruner median]
-                    [--output-dir DIR] [--metric NAME] [--direction minimize|maximize] [--key value ...]
+                    [--parallel K] [--output-dir DIR] [--metric NAME] [--direction minimize|maximize]
+                    [--key value ...]
 
 A study over the settings that space.toml names: learning rate, warmup, r, alpha, dropout,
 target modules... Each trial, in order:
@@ -13,6 +14,10 @@ target modules... Each trial, in order:
   3. ``train(..., trial=trial)`` trains with the trial's [train] values over base.toml's, reports
      every evaluation's metric to the trial, and stops early when the pruner cuts it;
   4. the final value of the metric is told to the study; the summary is rewritten.
+
+With ``--parallel K`` the trials train K at a time, in one process over one base model
+(``train_many``): steps 1-4 per trial, step 3 for the whole group at once; a pruned trial stops
+and its group runs on (``search_in_groups``).
 
 What it writes in OUTPUT (``--output-dir``, else [train] output_dir, else ``peftloop-search``):
 
@@ -194,7 +199,7 @@ def task_defaults(model_config: ModelConfig, output_dir: Path,
     """([train], [lora]) values that base.toml's override: the demo's short trials, or what
     ``peftloop train`` assumes (LoRA on every linear layer but the head). Trials trained together
     (``parallel`` > 1) share the base, so the demo's trained copy of the head (modules_to_save) is
-    left out of their LoRA: ``--modules_to_save none`` makes a --parallel 1 search the same."""
+    left out of their LoRA: ``--modules_to_save ""`` makes a --parallel 1 search the same."""
     if model_config.name_or_path is None:
         lora = {**DEMO_LORA, "base_model_name_or_path": str(output_dir / "base")}
         if parallel > 1:
