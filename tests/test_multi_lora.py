@@ -284,6 +284,7 @@ def test_write_adapter_of_one_adapter_loads_as_that_single_adapter(tmp_path):
         torch.testing.assert_close(loaded.eval()(TOKENS), multi.eval()(TOKENS), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # ~12 s: transformers and peft build two models
 def test_peft_loads_one_adapter_of_a_multi_adapter_model(tmp_path, base_dir):
     peft = pytest.importorskip("peft", reason="the 'ref' extra (peft) is not installed")
     from peftloop.models import load_pretrained
