@@ -42,9 +42,9 @@ from ._triton_utils import SHARED_MEMORY_LIMIT, prune_configs
 
 # The op modules (``from . import lora_linear`` would give the function of that name, which
 # the package re-exports over its module attribute).
-linear_cross_entropy, lora_linear, nf4, rms_norm, rope, swiglu = (
+linear_cross_entropy, lora_linear, multi_lora, nf4, rms_norm, rope, swiglu = (
     importlib.import_module(f"{__package__}.{name}")
-    for name in ("linear_cross_entropy", "lora_linear", "nf4", "rms_norm", "rope", "swiglu")
+    for name in ("linear_cross_entropy", "lora_linear", "multi_lora", "nf4", "rms_norm", "rope", "swiglu")
 )
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -165,6 +165,46 @@ def launches(dtype: torch.dtype) -> list[Launch]:
                          dict(BLOCKSIZE=64, NESTED=nested, NESTED_BLOCKSIZE=nf4.NESTED_BLOCKSIZE,
                               BLOCK=nf4.BLOCK_GPU),
                          [{"num_warps": nf4.NUM_WARPS, "num_stages": 3, "enable_fp_fusion": False}]))
+    return es + multi_lora_launches(dtype)
+
+
+def multi_lora_launches(dtype: torch.dtype) -> list[Launch]:
+    """The segmented (many adapters, one base) LoRA kernels on the same gate_proj shape: row tiles
+    that never straddle a segment, a tile table (int32) and a segment table (int32 rows and ranks,
+    int64 factor addresses and seeds, fp32 scalings and dropout)."""
+    f32, i32, i64 = torch.float32, torch.int32, torch.int64
+    K, N = HIDDEN, INTERMEDIATE
+    common = dict(BLOCK_R=16, BLOCK_M=multi_lora.SEG_BLOCK_M_GPU, PRECISION="ieee")
+    tiles = dict(tile_start_ptr=_t(i32), tile_end_ptr=_t(i32), tile_seg_ptr=_t(i32))
+    segs = dict(seg_first_ptr=_t(i32), seg_rank_ptr=_t(i32), seg_a_ptr=_t(i64), seg_b_ptr=_t(i64),
+                seg_scaling_ptr=_t(f32), seg_p_ptr=_t(f32), seg_keep_scale_ptr=_t(f32), seg_seed_ptr=_t(i64))
+    Dropout = lora_linear.Dropout
+    es = []
+    for mode, name in ((Dropout.FROM_SEED, "seed"), (Dropout.FROM_MASK, "mask"), (Dropout.OFF, "no dropout")):
+        mask = _t(torch.uint8) if mode == Dropout.FROM_MASK else None
+        smm, smk = (K, 1) if mode == Dropout.FROM_MASK else (0, 0)
+        es.append(Launch(f"multi_lora._multi_lora_fwd_kernel[{name}]", multi_lora._multi_lora_fwd_kernel,
+                         dict(x_ptr=_t(dtype), w_ptr=_t(dtype), bias_ptr=_t(dtype), a_ptr=_t(dtype),
+                              b_ptr=_t(dtype), mask_ptr=mask, y_ptr=_t(dtype), u_ptr=_t(dtype),
+                              **tiles, **segs, N=N, K=K, stride_xm=K, stride_xk=1, stride_wn=K, stride_wk=1,
+                              stride_mm=smm, stride_mk=smk, stride_ym=N, stride_yn=1, stride_um=16,
+                              stride_ur=1),
+                         dict(HAS_BIAS=True, DROPOUT=int(mode), **common),
+                         shared_bytes=multi_lora._seg_mm_shared_bytes))
+        es.append(Launch(f"multi_lora._multi_lora_dx_kernel[{name}]", multi_lora._multi_lora_dx_kernel,
+                         dict(x_ptr=_t(dtype), w_ptr=_t(dtype), a_ptr=_t(dtype), b_ptr=_t(dtype),
+                              mask_ptr=mask, dx_ptr=_t(dtype), gb_ptr=_t(dtype), **tiles, **segs, N=K, K=N,
+                              stride_gm=N, stride_gk=1, stride_wk=K, stride_wn=1, stride_mm=smm,
+                              stride_mn=smk, stride_dm=K, stride_dn=1, stride_gbm=16, stride_gbr=1),
+                         dict(HAS_DX=True, DROPOUT=int(mode), **common),
+                         shared_bytes=multi_lora._seg_mm_shared_bytes))
+        es.append(Launch(f"multi_lora._multi_lora_da_kernel[{name}]", multi_lora._multi_lora_da_kernel,
+                         dict(gb_ptr=_t(dtype), x_ptr=_t(dtype), mask_ptr=mask, da_ptr=_t(f32),
+                              seg_first_ptr=_t(i32), seg_end_ptr=_t(i32), seg_rank_ptr=_t(i32),
+                              seg_p_ptr=_t(f32), seg_keep_scale_ptr=_t(f32), seg_seed_ptr=_t(i64), K=K,
+                              SPLITS=4, stride_gbm=16, stride_gbr=1, stride_xm=K, stride_xk=1,
+                              stride_mm=smm, stride_mk=smk),
+                         dict(DROPOUT=int(mode), **common), shared_bytes=multi_lora._seg_da_shared_bytes))
     return es
 
 

@@ -88,7 +88,7 @@ def grad_combinations(n: int) -> list[tuple[bool, ...]]:
     return list(itertools.product((False, True), repeat=n))
 
 
-KERNEL_MODULES = ("linear_cross_entropy", "lora_linear", "nf4", "rms_norm", "rope", "swiglu")
+KERNEL_MODULES = ("linear_cross_entropy", "lora_linear", "multi_lora", "nf4", "rms_norm", "rope", "swiglu")
 
 
 def _kernel_functions() -> list[type]:

@@ -27,6 +27,9 @@ KERNELS = {
     "lora_linear._lora_da_kernel[seed]", "lora_linear._lora_da_kernel[mask]",
     "lora_linear._dropout_mask_kernel",
     "nf4._nf4_dequant_kernel[double_quant]", "nf4._nf4_dequant_kernel[fp32_absmax]",
+    "multi_lora._multi_lora_fwd_kernel[seed]", "multi_lora._multi_lora_fwd_kernel[mask]",
+    "multi_lora._multi_lora_dx_kernel[seed]", "multi_lora._multi_lora_dx_kernel[mask]",
+    "multi_lora._multi_lora_da_kernel[seed]", "multi_lora._multi_lora_da_kernel[mask]",
 }
 
 
