@@ -165,6 +165,7 @@ def summarize_chat(runs: list[dict]) -> dict:
             "peak_rss_mib": sorted(r["peak_rss_mib"] for r in mine)[len(mine) // 2],
             "padding": 1 - run["real_tokens"] / run["processed_tokens"], "steps": run["steps"],
             "examples_per_step": run["examples_per_step"], "losses": run["losses"],
+            "label_tokens_seen": run.get("label_tokens_seen") or list(range(1, len(run["losses"]) + 1)),
             "spread": mine[-1]["epoch_s"] / mine[0]["epoch_s"] - 1, "passes": len(mine),
         }
     ours, theirs = best_of(out, "peftloop"), best_of(out, "trainer")
@@ -261,16 +262,16 @@ def plot_synthetic(results: dict, ax1, ax2) -> None:
 
 
 def plot_chat(results: dict, ax1, ax2) -> None:
-    """Loss against label tokens seen, every system of the first configuration; label tokens/s bars."""
+    """Loss against label tokens seen (steps hold different numbers of them), every system of the
+    first configuration; label tokens/s bars."""
     first = next(iter(results["chat"]))
     summary = results["chat"][first]
     for system in CHAT_SYSTEMS:
         if system in summary:
-            losses = summary[system]["losses"]
-            ax1.plot(range(1, len(losses) + 1), losses, "o-" if system.startswith("trainer") else "x--",
-                     label=CHAT_NAMES[system], alpha=0.8)
-    ax1.set(title=f"realistic workload: loss per optimizer step ({first}, one epoch)", xlabel="step",
-            ylabel="loss")
+            ax1.plot(summary[system]["label_tokens_seen"], summary[system]["losses"],
+                     "o-" if system.startswith("trainer") else "x--", label=CHAT_NAMES[system], alpha=0.8)
+    ax1.set(title=f"realistic workload: loss of each optimizer step ({first}, one epoch)",
+            xlabel="label tokens seen", ylabel="loss")
     ax1.legend(fontsize=7)
     labels, values, colors = [], [], []
     for key, summary in results["chat"].items():

@@ -16,8 +16,9 @@ instruction records of ``benchmarks.workload.chat_examples`` (realistic lengths,
 8 examples per optimizer step (micro-batch 4 x accumulation 2), through each system's real data path:
 
 - ``peftloop_packed``: ``peftloop.records.pack`` (position ids restart per example) into rows of
-  max(``--max-seq-len``, 4 x the mean example) tokens, one row per micro-batch x 2, so that a row
-  holds about 4 examples, a step about 8 (the examples per step are reported);
+  the fewest tokens (at least ``--max-seq-len``) that give no more rows than the padded runs have
+  micro-batches, one row per micro-batch x 2: about 4 examples a row, the padded runs' number of
+  steps (the row length and examples per step are reported);
 - ``peftloop_padded``: peftloop's padded micro-batches with ``group_by_length`` (its best padded setting);
 - ``trainer_padded``: the Trainer with a collator padding to the longest in the batch (labels -100);
 - ``trainer_grouped``: the same with ``train_sampling_strategy="group_by_length"`` (``group_by_length=True``
@@ -84,6 +85,7 @@ class StepClock:
     def __init__(self):
         self.last = time.perf_counter()
         self.times: list[float] = []
+        self.label_tokens_seen: list[int] = []  # after each step, where the system reports it
 
     def tick(self) -> None:
         now = time.perf_counter()
@@ -118,6 +120,7 @@ def run_peftloop(args, data, clock: StepClock, losses: list[float], *, packed: b
         def on_step_end(self, state, metrics):
             clock.tick()
             losses.append(metrics["loss"])
+            clock.label_tokens_seen.append(state.tokens_seen)
 
     def counting_collate(examples):
         batch = collate(examples, pad_id=PAD_ID)
@@ -153,10 +156,16 @@ def _peft_model(args):
 
 
 def packed_row_tokens(data: list[dict], max_seq_len: int) -> int:
-    """peftloop's packed row length here: MICRO_BATCH times the mean example, so that a row holds
-    about as many examples as a padded micro-batch; at least max_seq_len, the longest example."""
-    mean = sum(len(e["input_ids"]) for e in data) / len(data)
-    return max(max_seq_len, round(MICRO_BATCH * mean))
+    """peftloop's packed row length here: the shortest (from max_seq_len, the longest example, up)
+    that packs the examples into no more rows than the padded runs have micro-batches, so that a
+    step holds as many examples as theirs on average (and the epoch as many steps)."""
+    from peftloop.records import pack
+
+    rows_wanted = math.ceil(len(data) / MICRO_BATCH)
+    budget = max(max_seq_len, math.ceil(sum(len(e["input_ids"]) for e in data) / rows_wanted))
+    while sum(1 for _ in pack(data, budget)) > rows_wanted:
+        budget = math.ceil(budget * 1.02)
+    return budget
 
 
 def pad_to_longest(features: list[dict]) -> dict[str, torch.Tensor]:
@@ -187,13 +196,14 @@ def run_trainer(args, data, clock: StepClock, losses: list[float], *, collator=N
         collator = transformers.DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
     model = _peft_model(args)
 
-    window_loss = [0.0]
+    window_loss, window_labels = [0.0], [0]
 
     class Clock(transformers.TrainerCallback):
         def on_step_end(self, targs, state, control, **kwargs):
             clock.tick()
             losses.append(window_loss[0])  # the Trainer logs losses rounded to 4 digits: keep our own
-            window_loss[0] = 0.0
+            clock.label_tokens_seen.append(window_labels[0] + (clock.label_tokens_seen or [0])[-1])
+            window_loss[0], window_labels[0] = 0.0, 0
 
     class Dataset(torch.utils.data.Dataset):
         def __len__(self):
@@ -206,6 +216,7 @@ def run_trainer(args, data, clock: StepClock, losses: list[float], *, collator=N
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if counter is not None:
                 counter[0] += inputs["input_ids"].numel()  # tokens computed on, padding included
+            window_labels[0] += int((inputs["labels"][..., 1:] != -100).sum())
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             window_loss[0] += float((loss[0] if return_outputs else loss).detach())
             return loss
@@ -298,7 +309,7 @@ def run_chat(args, vocab: int) -> dict:
             "label_tokens": stats["label_tokens"], "real_tokens": stats["tokens"],
             "processed_tokens": counter[0],
             "label_tokens_per_s": stats["label_tokens"] / epoch, "real_tokens_per_s": stats["tokens"] / epoch,
-            "losses": losses, "max_seq_len": args.max_seq_len,
+            "losses": losses, "label_tokens_seen": clock.label_tokens_seen, "max_seq_len": args.max_seq_len,
             "packed_row_tokens": packed_row_tokens(data, args.max_seq_len)}
 
 

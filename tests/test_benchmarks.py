@@ -262,6 +262,8 @@ def test_compare_runs_the_realistic_workload_end_to_end(tmp_path):
     for r in data["records"]:
         assert r["workload"] == "chat" and r["examples"] == 8 and len(r["losses"]) == r["steps"] > 0
         assert r["label_tokens"] == data["chat_data"]["label_tokens"] and "error" not in r
+        # every system trained on exactly the workload's label tokens, counted step by step its own way
+        assert r["label_tokens_seen"][-1] == r["label_tokens"], r["system"]
         assert summary[r["system"]]["label_tokens_per_s"] == pytest.approx(r["label_tokens"] / r["epoch_s"])
     assert summary["trainer_flattening"]["padding"] == 0 and summary["trainer_padded"]["padding"] > 0
     best = summary["ratio"]
