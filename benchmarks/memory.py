@@ -47,7 +47,10 @@ from benchmarks.common import RESULTS, SHAPES, Shape, markdown_table, run_child,
 
 SEQ_LEN, MICRO_BATCH, GRAD_ACCUM = 256, 4, 2
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MEMORY_SHAPES = {**SHAPES, "tiny": Shape("tiny", 64, 2, 4, 2, 96, 512, True)}
+# tiny: checks the script; smollm-4: SmolLM2-135M's widths with 4 layers, to time allocator
+# settings side by side (the same tensor sizes, a fraction of the work)
+MEMORY_SHAPES = {**SHAPES, "tiny": Shape("tiny", 64, 2, 4, 2, 96, 512, True),
+                 "smollm-4": Shape("smollm-4", 576, 4, 9, 3, 1536, 49152, True, rope_theta=100000.0)}
 MIB = 2**20
 
 
