@@ -25,7 +25,9 @@ Dropout: each segment draws its mask (torch path) or seed (kernels) exactly as `
 draws it for x = that segment's rows, so adapter k's rows get the mask a ``LoRALinear`` holding
 adapter k would draw on them. ``rng_states`` (adapter -> torch CPU RNG state) gives each adapter
 its own random stream: the state is swapped in around the adapter's draw and the advanced state
-stored back.
+stored back. ``lengths`` (adapter -> its sequence length alone) covers rows right-padded along
+dim 1 to a common length: segment k's mask is drawn for ``x_k[:, :lengths[k]]``, as ``lora_linear``
+draws it for that shape, and padded with "kept" (see ``_segment_dropout``).
 """
 
 from __future__ import annotations
@@ -687,7 +689,7 @@ def _draw(x_k, p: float, mask, seed, fused: bool, state: torch.Tensor | None):
 
 
 def multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, segments, dropout_ps=None,
-                      dropout_masks=None, seeds=None, rng_states=None):
+                      dropout_masks=None, seeds=None, rng_states=None, lengths=None):
     """K LoRA adapters on one frozen base: segment ``(k, start, end)``'s rows (dim 0 of x) get
     ``x·Wᵀ + b + s_k·(dropout_k(x)·A_kᵀ)·B_kᵀ``; rows in no segment ``x·Wᵀ + b``.
 
@@ -697,6 +699,9 @@ def multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, segments, dro
     Dropout of adapter k as ``lora_linear`` on the segment's rows: ``dropout_masks[k]`` (bool, the
     segment's shape) or ``seeds[k]`` (kernels) fix it; otherwise it is drawn from torch's RNG,
     from ``rng_states[k]`` when that is given (updated in place to the advanced state).
+    ``lengths[k]`` (a dict by adapter; x of 3+ dims): adapter k's rows are right-padded along dim 1
+    from that length to x's; the drawn mask is ``lora_linear``'s for ``x_k[:, :lengths[k]]``, the
+    pad positions kept. A 2-D x has no sequence dim: ``lengths`` is not used then.
     """
     n_adapters = len(lora_As)
     if len(lora_Bs) != n_adapters or len(scalings) != n_adapters:
@@ -722,7 +727,7 @@ def multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, segments, dro
             impl = "torch"
     if impl == "reference":
         return _run_reference(x, weight, bias, lora_As, lora_Bs, scalings, present, dropout_ps, dropout_masks,
-                              seeds, rng_states, dtype)
+                              seeds, rng_states, lengths, dtype)
     x, bias = cast_all(dtype, x, bias)
     weight = None if nf4_state is not None else weight.to(dtype)
     rows_per_x_row = x[0].numel() // x.shape[-1] if x.shape[0] else 0
@@ -732,7 +737,7 @@ def multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, segments, dro
         check_dropout("multi_lora_linear", x[s.start:s.end], dropout_ps[k],
                       None if dropout_masks is None else dropout_masks[k])
         mask, seed = _segment_dropout(x[s.start:s.end], k, dropout_ps[k], dropout_masks, seeds, rng_states,
-                                      impl == "triton")
+                                      impl == "triton", lengths)
         start, end = s.start * rows_per_x_row, s.end * rows_per_x_row
         mask2 = None if mask is None else mask.reshape(end - start, x.shape[-1])
         plans.append(SegmentPlan(k, start, end, float(scalings[k]), float(dropout_ps[k]), mask2, seed))
@@ -746,19 +751,47 @@ def multi_lora_linear(x, weight, bias, lora_As, lora_Bs, scalings, segments, dro
         return MultiLoRALinearFunction.apply(x, weight, bias, plan, *factors)
 
 
-def _segment_dropout(x_k, k: int, p: float, dropout_masks, seeds, rng_states, fused: bool):
-    """``(mask, seed)`` of adapter k's segment, drawn as ``lora_linear`` draws for x = x_k."""
+def _segment_dropout(x_k, k: int, p: float, dropout_masks, seeds, rng_states, fused: bool, lengths=None):
+    """``(mask, seed)`` of adapter k's segment, drawn as ``lora_linear`` draws for x = x_k, or, when
+    ``lengths[k]`` trims x_k's dim 1 (x_k of 3+ dims, a shorter length), for x = x_k[:, :lengths[k]].
+
+    A trimmed draw is padded with True (kept) along dim 1 to x_k's shape: the pad positions' LoRA
+    outputs are computed but never read (train_many labels them -100 and causal attention keeps
+    real tokens from seeing the pads after them), and the single op never draws for them. On the
+    kernels (``fused``) the seed drawn for the trimmed shape becomes a stored mask,
+    ``lora_dropout_mask`` of that shape, padded: the seed path's element index row·in + col counts
+    over the padded rows, which would be another mask (the price: the call then runs on one stored
+    uint8 mask of x's size, ``_full_mask``)."""
     mask = None if dropout_masks is None else dropout_masks[k]
     seed = None if seeds is None else seeds[k]
     state = None if rng_states is None else rng_states.get(k)
-    (mask, seed), advanced = _draw(x_k, p, mask, seed, fused, state)
+    length = _trimmed_length(x_k, k, lengths) if mask is None and p > 0.0 else None
+    drawn_on = x_k if length is None else x_k[:, :length]
+    (mask, seed), advanced = _draw(drawn_on, p, mask, seed, fused, state)
     if advanced is not None:
         rng_states[k] = advanced
+    if length is not None:
+        if mask is None:  # the kernels' seed: the mask it draws for the trimmed shape
+            mask = lora_dropout_mask(drawn_on.shape, p, seed, x_k.device)
+        padded = torch.ones(x_k.shape, dtype=torch.bool, device=x_k.device)
+        padded[:, :length] = mask
+        mask = padded
     return mask, seed
 
 
+def _trimmed_length(x_k, k: int, lengths) -> int | None:
+    """Adapter k's own length of dim 1 when it is shorter than x_k's, else None (no trimming: no
+    length, a 2-D x_k, or the full length)."""
+    length = None if lengths is None else lengths.get(k)
+    if length is None or x_k.dim() < 3:
+        return None
+    if not 0 <= int(length) <= x_k.shape[1]:
+        raise ValueError(f"multi_lora_linear: lengths[{k}]={length} is not within x's dim 1 ({x_k.shape[1]})")
+    return None if int(length) == x_k.shape[1] else int(length)
+
+
 def _run_reference(x, weight, bias, lora_As, lora_Bs, scalings, present, dropout_ps, dropout_masks, seeds,
-                   rng_states, dtype):
+                   rng_states, lengths, dtype):
     """The reference backend: masks drawn as the torch path draws them, then the reference."""
     x, bias = cast_all(dtype, x, bias)
     if not isinstance(weight, NF4State):
@@ -767,7 +800,7 @@ def _run_reference(x, weight, bias, lora_As, lora_Bs, scalings, present, dropout
     for s in present:
         k = s.adapter
         masks[k], _ = _segment_dropout(x[s.start:s.end], k, dropout_ps[k], dropout_masks, seeds, rng_states,
-                                       False)
+                                       False, lengths)
     As = [A.to(dtype) for A in lora_As]
     Bs = [B.to(dtype) for B in lora_Bs]
     with torch.autocast(x.device.type, enabled=False):

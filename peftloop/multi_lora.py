@@ -15,7 +15,9 @@ its gradients come from its rows alone.
 
 Dropout: a ``LoRALinear`` in ``train()`` draws its mask from torch's global RNG. Here each
 adapter can have its own RNG state (``RowRouting.rng_states``), swapped in around that
-adapter's draw, so adapter k consumes the random numbers it would consume trained alone.
+adapter's draw, so adapter k consumes the random numbers it would consume trained alone; and
+its own sequence length (``RowRouting.lengths``), so that rows padded to a longer fused batch
+draw the mask of their unpadded shape.
 
 Only plain LoRA (and rsLoRA), on an ``nn.Linear`` or 4-bit ``NF4Linear`` base: no DoRA, no
 PiSSA/OLoRA (they change the shared base per adapter), no merging.
@@ -63,6 +65,13 @@ class RowRouting:
     draws come from. Each layer swaps it in around adapter k's draw and writes the advanced state
     back, so adapter k consumes exactly the random numbers a single ``LoRALinear`` would consume
     in ``train()`` alone. None: every draw comes from the global RNG, in segment order."""
+    lengths: dict[int, int] | None = None
+    """Per adapter k: the length of dim 1 (the sequence) its rows have alone, when they were
+    right-padded to the fused batch's length. Adapter k's dropout mask is then drawn for
+    ``x_k[:, :lengths[k]]``, as a ``LoRALinear`` given the unpadded rows draws it, and the pad
+    positions are kept (their outputs must not reach any loss: train_many labels pads -100 and
+    causal attention keeps real tokens blind to the pads after them). An adapter absent from the
+    dict, or a 2-D input (no sequence dim), is not trimmed."""
 
 
 class LoRAAdapter(nn.Module):
@@ -158,7 +167,8 @@ class MultiLoRALinear(nn.Module):
         # the fp32 factors receive fp32 gradients through those casts.
         return multi_lora_linear(x, base, self.base_layer.bias, [a.lora_A.weight for a in adapters],
                                  [a.lora_B.weight for a in adapters], [a.scaling for a in adapters],
-                                 routing.segments, dropout_ps, rng_states=rng_states)
+                                 routing.segments, dropout_ps, rng_states=rng_states,
+                                 lengths=routing.lengths)
 
     def rng_states_for_this_pass(self, rng_states: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """The RNG states this forward pass draws dropout from.

@@ -142,6 +142,63 @@ def test_routed_rows_with_dropout_equal_three_lora_linears_on_their_rows(quantiz
     assert all(p.grad is None for p in base.parameters())
 
 
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_lengths_draw_each_segments_dropout_for_its_unpadded_rows(impl):
+    """Rows right-padded along dim 1 to one length (train_many's fused batch), with
+    ``RowRouting.lengths``: on its first lengths[k] positions, segment k's outputs and gradients
+    equal a LoRALinear's on the unpadded rows x[start:end, :lengths[k]] with the global RNG seeded
+    as adapter k's state (the same mask: the torch path's, or on the kernels the single op's seed
+    as a stored mask; adapter 1 is not trimmed and keeps the seed path), the states advance as the
+    global one does, and the pad positions are all kept (scaled by 1/(1-p)). The upstream gradient
+    is zero at the pads, as in a model, where nothing reads a pad's output (tests/test_train_many.py)."""
+    base = torch.nn.Linear(32, 24)
+    layer, singles = _layer_and_singles(base)
+    layer.train()
+    x = torch.randn(9, 6, 32, requires_grad=True)
+    lengths = {0: 4, 1: 6, 2: 1}
+    g = torch.randn(9, 6, 24)
+    for k, start, end in SEGMENTS:
+        g[start:end, lengths[k]:] = 0.0
+    states = _states([7, 8, 9])
+    set_routing(layer, RowRouting(SEGMENTS, states, lengths))
+    with backend(impl):
+        y = layer(x)
+        y.backward(g)
+    for k, start, end in SEGMENTS:
+        n = lengths[k]
+        x_k = x.detach()[start:end, :n].clone().requires_grad_()
+        torch.manual_seed(7 + k)
+        with backend(impl):
+            y_k = singles[k].train()(x_k)
+            y_k.backward(g[start:end, :n])
+        assert torch.equal(states[k], torch.get_rng_state()), f"adapter {k}'s RNG state"
+        torch.testing.assert_close(y[start:end, :n], y_k, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(x.grad[start:end, :n], x_k.grad, rtol=1e-6, atol=1e-6)
+        for name in ("lora_A", "lora_B"):
+            mine = getattr(layer.adapters[k], name).weight.grad
+            torch.testing.assert_close(mine, getattr(singles[k], name).weight.grad, rtol=1e-6, atol=1e-6)
+        with torch.no_grad(), backend(impl):  # every element kept, scaled by 1/(1-p) as kept ones are
+            pads = x[start:end, n:]
+            kept = base(pads) + (singles[k].eval()(pads) - base(pads)) / (1.0 - SPECS[k].lora_dropout)
+        torch.testing.assert_close(y[start:end, n:], kept, rtol=1e-5, atol=1e-5)
+
+
+def test_lengths_do_not_trim_a_2d_input_and_must_fit():
+    """A 2-D input has no sequence dim: lengths leave its draws as they are. A length longer than
+    dim 1 is refused."""
+    layer, _ = _layer_and_singles(torch.nn.Linear(8, 6))
+    layer.train()
+    x = torch.randn(9, 8)
+    outputs = []
+    for lengths in (None, {0: 0, 1: 1, 2: 5}):
+        set_routing(layer, RowRouting(SEGMENTS, _states([1, 2, 3]), lengths))
+        outputs.append(layer(x))
+    assert torch.equal(outputs[0], outputs[1])
+    set_routing(layer, RowRouting(SEGMENTS, _states([1, 2, 3]), {2: 4}))
+    with pytest.raises(ValueError, match=r"lengths\[2\]=4 is not within x's dim 1 \(3\)"):
+        layer(torch.randn(9, 3, 8))
+
+
 def test_dropout_is_off_in_eval_mode_and_draws_nothing():
     layer, singles = _layer_and_singles(torch.nn.Linear(8, 6))
     layer.eval()

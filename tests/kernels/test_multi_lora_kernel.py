@@ -22,7 +22,7 @@ from peftloop.kernels import (
     multi_lora_linear_reference,
     nf4_lora_linear,
 )
-from peftloop.kernels.lora_linear import dropout_mask_like
+from peftloop.kernels.lora_linear import draw_dropout, dropout_mask_like
 from peftloop.kernels.multi_lora import MultiLoRALinearFunction
 from peftloop.nf4 import quantize_nf4
 
@@ -92,11 +92,11 @@ def checked_backward():
     assert not wrong, f"the backward returned gradients for inputs that need none: {wrong}"
 
 
-def _check_against_reference(case: Case, impl: str, p=None, masks=None, ref_masks=None, seeds=None):
+def _check_against_reference(case: Case, impl: str, p=None, masks=None, ref_masks=None, seeds=None, **op_kw):
     """Forward and every gradient against the fp32 reference on the same (rounded) values."""
     with checked_backward() as calls:
         y = run(impl, multi_lora_linear, case.x, case.weight, case.bias, case.As, case.Bs, case.scalings,
-                case.segments, p, dropout_masks=masks, seeds=seeds)
+                case.segments, p, dropout_masks=masks, seeds=seeds, **op_kw)
         got, g = _grads(y, case.inputs, case.dtype)
     assert y.dtype == case.dtype and y.shape == (*case.x.shape[:-1], case.weight.shape[0])
     assert bool(calls) == any(t is not None for t in got)
@@ -212,6 +212,33 @@ def test_without_rng_states_the_segments_draw_from_the_global_rng_in_the_order_g
     ref = multi_lora_linear_reference(case.x, case.weight, case.bias, case.As, case.Bs, case.scalings,
                                       case.segments, p, masks)
     assert_close(y, ref, torch.float32, "y")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lengths_draw_the_mask_of_the_unpadded_rows_and_keep_the_pads(impl):
+    """Rows padded along dim 1: with lengths[k] shorter than x's, segment k's mask is the one the
+    single op draws for x[start:end, :lengths[k]] from adapter k's RNG state (torch path: a bool
+    mask; kernels: a seed, whose mask lora_dropout_mask rebuilds), padded with True; an adapter at
+    full length (1) draws as without lengths, one of length 0 (2) keeps everything. Every output and
+    gradient is the reference's on those masks."""
+    case = Case(**FIXED, dtype=torch.float32, needs=[True] * 7, seq=5)
+    p, lengths = [0.3, 0.25, 0.5], {0: 2, 1: 5, 2: 0}
+    states = {k: torch.Generator().manual_seed(30 + k).get_state() for k in range(3)}
+    ref_masks = {}
+    for k, start, end in case.segments:
+        x_k = case.x.detach()[start:end]
+        torch.manual_seed(30 + k)
+        mask, seed = draw_dropout(x_k[:, :lengths[k]], p[k], None, None, fused=impl == "triton")
+        if mask is None:
+            mask = lora_dropout_mask(x_k[:, :lengths[k]].shape, p[k], seed, DEVICE)
+        ref_masks[k] = torch.ones(x_k.shape, dtype=torch.bool, device=DEVICE)
+        ref_masks[k][:, :lengths[k]] = mask
+    assert not ref_masks[0][:, :2].all() and ref_masks[2].all()
+    _check_against_reference(case, impl, p=p, ref_masks=ref_masks, rng_states=states, lengths=lengths)
+    for k in range(3):  # each state advanced as the single op's draw advances the global one
+        torch.manual_seed(30 + k)
+        draw_dropout(case.x[:, :lengths[k]], p[k], None, None, fused=impl == "triton")
+        assert torch.equal(states[k], torch.get_rng_state()), k
 
 
 @needs_triton
