@@ -99,9 +99,14 @@ def inject_many(model: nn.Module, configs: Sequence[LoraConfig], seeds: Sequence
     layer, in model order, from torch's generator seeded with ``seeds[k]`` (``seed_everything``
     seeds python and numpy too, but the init draws from torch's generators only). The caller's
     RNG states are restored afterwards. Returns, per adapter, the torch CPU RNG state right after
-    its initialisation: what ``train()`` alone would go on to draw dropout from (put them in
-    ``RowRouting.rng_states``). The resolved configs are stored as ``model.lora_configs``
-    ("all-linear" becomes the matched names, as ``inject_lora`` stores ``model.lora_config``).
+    its initialisation: where ``seed_everything(seeds[k]); inject_lora(model, configs[k])`` leaves
+    torch's CPU generator, so the stream a model injected that way draws dropout from when nothing
+    reseeds it (as ``RowRouting.rng_states``, a fused forward pass then draws each adapter's masks as
+    its single-adapter model does: the tests compare them so). ``train()`` does reseed
+    (``seed_everything(config.seed)``) after injection: ``train_many`` does not use these states but
+    gives job k the state of ``torch.manual_seed(config.seed)``. The resolved configs are stored as
+    ``model.lora_configs`` ("all-linear" becomes the matched names, as ``inject_lora`` stores
+    ``model.lora_config``).
 
     Plain LoRA and rsLoRA only, per config its own r, lora_alpha, rank/alpha patterns and dropout:
     DoRA, PiSSA/OLoRA init, modules_to_save and the output head as a target are refused.

@@ -199,7 +199,9 @@ def train_many(model: nn.Module, jobs: list[Job]) -> list[TrainResult]:
             batch, rows = fuse([b for _, b in parts])
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             segments = [(run.index, first, end) for (run, _), (first, end) in zip(parts, rows)]
-            set_routing(model, RowRouting(segments, rng_states))
+            # each job's own length: its dropout masks are drawn for its unpadded micro-batch
+            lengths = {run.index: own["input_ids"].shape[1] for run, own in parts}
+            set_routing(model, RowRouting(segments, rng_states, lengths))
             with autocast():
                 losses = summed_losses(model, batch, rows, [run.config.label_smoothing for run, _ in parts])
             # train()'s loss_scale, 1 / tokens, multiplied as train() multiplies it (not a division,
@@ -350,7 +352,8 @@ def fuse(batches: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor
     Shorter batches are right-padded to the longest: input 0, label -100, attention mask 0, position
     ids counting on from each row's last one (so a pad never looks like a new packed document).
     Causal attention keeps a row's real tokens blind to the pads after them, and -100 keeps the
-    pads out of every loss: job k's rows compute what its own micro-batch computes alone."""
+    pads out of every loss: job k's rows compute what its own micro-batch computes alone (with
+    dropout, once the routing carries each job's own length: ``RowRouting.lengths``)."""
     length = max(b["input_ids"].shape[1] for b in batches)
     with_positions = any("position_ids" in b for b in batches)
     padded, rows, first = [], [], 0
