@@ -160,30 +160,28 @@ def multi_lora_forward(x2, weight, bias, factors, plans):
 
 
 def multi_lora_backward(g, x2, weight, factors, us, plans, need_x: bool, needs_A, needs_B):
-    """``(dx, [(dA, dB)])``: dx = g·W over all rows (one matmul) plus each segment's
-    s_k·(g_k·B_k)·A_k ⊙ M_k/(1-p_k); dA_k and dB_k by ``lora_backward`` on the segment's rows.
-    Each gradient None unless asked for; results in g's dtype."""
-    out_dtype, compute = g.dtype, matmul_dtype(g)
-    grad_x = None
-    if need_x:
-        g_c, weight = cast_all(compute, g, weight)
-        grad_x = g_c @ weight
+    """``(dx, [(dA, dB)])``: each segment's dx, dA_k and dB_k by ``lora_backward`` on its own rows
+    (dx = g_k·W + s_k·(g_k·B_k)·A_k ⊙ M_k/(1-p_k), the base product and the low-rank one summed
+    in one addmm), rows in no segment dx = g·W. Calling the single-adapter core segment by segment,
+    rather than one g·W over all rows plus each segment's term, keeps every row's gradient the
+    same floating-point expression as a single LoRALinear's (addmm rounds differently from a
+    matmul followed by an add), so K jobs trained together equal K trained alone bit for bit. The
+    base dx still reads each row once. Each gradient None unless asked for; results in g's dtype."""
+    grad_x = torch.empty(g.shape[0], weight.shape[1], dtype=g.dtype, device=g.device) if need_x else None
+    covered = torch.zeros(g.shape[0], dtype=torch.bool, device=g.device) if need_x else None
     grads = []
     for plan, (A, B), u, need_A, need_B in zip(plans, factors, us, needs_A, needs_B):
         rows = slice(plan.start, plan.end)
         x_k = None if x2 is None else x2[rows]
-        _, dA, dB = lora_backward(g[rows], x_k, None, A, B, u, plan.scaling, plan.dropout_p, plan.mask2,
-                                  plan.seed, LoRANeeds(False, need_A, need_B))
+        dx, dA, dB = lora_backward(g[rows], x_k, weight, A, B, u, plan.scaling, plan.dropout_p, plan.mask2,
+                                   plan.seed, LoRANeeds(need_x, need_A, need_B))
         grads.append((dA, dB))
         if need_x:
-            g_k, A_c, B_c = cast_all(compute, g[rows], A, B)
-            keep_scale = 1.0 if plan.mask2 is None else 1.0 / (1.0 - plan.dropout_p)
-            lora_dx = (g_k @ B_c).mul_(plan.scaling * keep_scale) @ A_c
-            if plan.mask2 is not None:
-                lora_dx.masked_fill_(~plan.mask2, 0.0)
-            grad_x[rows] += lora_dx
-    if grad_x is not None:
-        grad_x = grad_x.to(out_dtype)
+            grad_x[rows], covered[rows] = dx, True
+    if need_x and not bool(covered.all()):
+        rest = ~covered  # rows of no adapter: the base only
+        grad_x[rest] = lora_backward(g[rest], None, weight, None, None, None, 1.0, 0.0, None, 0,
+                                     LoRANeeds(True, False, False))[0]
     return grad_x, grads
 
 
