@@ -293,9 +293,10 @@ def _parse_value(text: str, tp, flag: str):
     """Parse one CLI string by the field's type; unions try the narrowest reading first."""
     candidates = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
     lowered = text.strip().lower()
+    # "none" means None wherever the field allows it, before a list reads it as the name ["none"]
+    if type(None) in candidates and lowered in ("none", "null"):
+        return None
     for cand in candidates:
-        if cand is type(None) and lowered in ("none", "null"):
-            return None
         if cand is bool and lowered in ("true", "false", "1", "0", "yes", "no"):
             return lowered in ("true", "1", "yes")
         if cand is int:

@@ -20,6 +20,10 @@ def test_overrides_are_typed_by_the_field():
     assert targets(r".*\.q_proj") == r".*\.q_proj"
     assert parse_overrides(["--resume_from_checkpoint", "out/checkpoint-5"], SCHEMA)["train"] == {
         "resume_from_checkpoint": "out/checkpoint-5"}
+    # "none" is None wherever the field allows None, not a list holding the name "none"
+    assert parse_overrides(["--modules_to_save", "none"], SCHEMA)["lora"] == {"modules_to_save": None}
+    saved = parse_overrides(["--modules_to_save", "lm_head"], SCHEMA)["lora"]
+    assert saved == {"modules_to_save": ["lm_head"]}
 
 
 @pytest.mark.parametrize("argv, message", [
