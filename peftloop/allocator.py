@@ -11,8 +11,8 @@ they sit at the very top of the heap; the rest stays resident. On the 135M shape
 ``limit_heap_retention()`` sets the threshold once, through ``mallopt``: blocks at or above it get
 their own mapping, which goes back to the system the moment the tensor is freed. It fixes the
 threshold (no more rising), so what is retained stays below it. Its price is a page fault per new
-page of every large tensor (the kernel hands out zeroed pages): the threshold is chosen by
-measurement, ``python -m benchmarks.memory`` (docs/memory.md has the figures).
+page of every large tensor (the kernel hands out zeroed pages), measured with
+``python -m benchmarks.memory`` (docs/memory.md has the figures).
 
 ``release_free_memory()`` is ``malloc_trim(0)``: it returns the free pages inside the heap too
 (not only its top); it walks the whole heap, so call it once per optimizer step, not per tensor.
@@ -32,8 +32,10 @@ import platform
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 
-# Tensors at or above this size get their own mapping (see the module docstring). Chosen by
-# benchmarks/memory.py on SmolLM2-135M's shape; docs/memory.md has the figures.
+# Tensors at or above this size get their own mapping (see the module docstring). Below every
+# activation of SmolLM2-135M's shape at 1,024 tokens (>= 1.1 MiB in bf16), above the per-row and
+# rank-r tensors, which stay on the heap. Measured (only this value so far) by benchmarks/memory.py:
+# docs/memory.md has the figures.
 DEFAULT_MMAP_THRESHOLD = 1 << 20
 
 
