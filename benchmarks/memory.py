@@ -13,11 +13,13 @@ Every measurement is a fresh process (``run_child``):
 - ``train``: loads the base, trains warm-up + measured steps with ``peftloop.train`` and reports
   the process's peak RSS (``ru_maxrss``, imports included, as run_one reports it), the RSS after
   the imports and after loading, and the median step time. A ``--variants`` entry joins with
-  ``+`` any of: ``default`` (nothing), ``mmap=<size>`` (``peftloop.allocator.limit_heap_retention``
-  at that threshold, set before training), ``trim`` (``release_free_memory`` after every
-  optimizer step), ``recompute`` (the model's forward inside
-  ``peftloop.kernels.recompute.recompute_activations()``). Variants alternate within each pass,
-  so drift falls on all alike.
+  ``+`` any of: ``default`` (nothing beyond what ``train()`` does itself: the 1 MiB threshold of
+  ``limit_heap_retention``), ``mmap=<size>`` (``peftloop.allocator.limit_heap_retention`` at that
+  threshold, set before training, which ``train()`` then keeps), ``trim`` (``release_free_memory``
+  after every optimizer step), ``recompute`` (the model's ``recompute_cheap_activations`` switch,
+  on by default in peftloop and turned off by this benchmark in the variants without it: norm and
+  SwiGLU outputs made again in backward). Variants alternate within each pass, so drift falls on
+  all alike.
 - ``saved``: one forward of one micro-batch under ``torch.autograd.graph.saved_tensors_hooks``,
   summing the bytes of every tensor autograd keeps for the backward pass, by the module that
   saved it (layer index dropped; ``mlp`` alone is SwiGLU, ``self_attn`` alone is RoPE and
@@ -86,20 +88,12 @@ def load_model(base: str, dtype: str, recompute: bool):
 
     from peftloop.config import LoraConfig
     from peftloop.inject import inject_lora
-    from peftloop.kernels.recompute import recompute_activations
     from peftloop.models import load_pretrained
 
     model = load_pretrained(base, dtype=dtype)
     torch.manual_seed(0)
     inject_lora(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS))
-    if recompute:  # what LlamaModel.forward would do itself: the decoder stack inside the block
-        decoder_forward = model.model.forward
-
-        def forward_recomputing(*args, **kwargs):
-            with recompute_activations():
-                return decoder_forward(*args, **kwargs)
-
-        model.model.forward = forward_recomputing
+    model.model.recompute_cheap_activations = recompute  # on by default in peftloop
     return model
 
 

@@ -56,11 +56,19 @@ def why_unavailable() -> str | None:
     return None
 
 
-def limit_heap_retention(mmap_threshold: int = DEFAULT_MMAP_THRESHOLD) -> bool:
+_threshold_set: int | None = None  # what this process set, so train() does not undo a caller's choice
+
+
+def limit_heap_retention(mmap_threshold: int | None = None) -> bool:
     """Give every allocation of ``mmap_threshold`` bytes or more its own mapping, returned to the
     system when freed, and trim the heap's top past the same size. Process-wide, idempotent.
 
-    Returns True when set, False where the C library is not glibc (a no-op: ``why_unavailable``)."""
+    ``None`` (what ``train()`` passes) sets ``DEFAULT_MMAP_THRESHOLD`` unless this process has already
+    set a threshold, which it keeps. Returns True when set, False where the C library is not glibc
+    (a no-op: ``why_unavailable``)."""
+    global _threshold_set
+    if mmap_threshold is None:
+        mmap_threshold = _threshold_set or DEFAULT_MMAP_THRESHOLD
     if mmap_threshold <= 0:
         raise ValueError(f"limit_heap_retention: mmap_threshold={mmap_threshold} must be > 0")
     libc = glibc()
@@ -69,6 +77,7 @@ def limit_heap_retention(mmap_threshold: int = DEFAULT_MMAP_THRESHOLD) -> bool:
     for parameter in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD):
         if libc.mallopt(parameter, mmap_threshold) != 1:  # mallopt returns 1 on success
             raise OSError(f"mallopt({parameter}, {mmap_threshold}) failed")
+    _threshold_set = mmap_threshold
     return True
 
 

@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from peftloop import allocator
-from peftloop.kernels.recompute import recompute_activations
 from peftloop.models.llama import MLP, RMSNorm
 from tests.helpers import TOKENS, lora_model
 
@@ -66,8 +65,8 @@ def step(model, recompute: bool, dtype: torch.dtype):
     not parameters, names of the cheap outputs saved)."""
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
-    with saved_storages(cheap_outputs(model)) as (saved, cheap_saved), \
-            recompute_activations(enabled=recompute), autocast:
+    model.model.recompute_cheap_activations = recompute  # the model's own switch (on by default)
+    with saved_storages(cheap_outputs(model)) as (saved, cheap_saved), autocast:
         loss = model(TOKENS, labels=TOKENS)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

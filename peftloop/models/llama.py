@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peftloop import kernels
+from peftloop.kernels.recompute import recompute_activations
 from peftloop.models.attention import DocumentBuckets, attend_by_document, attention_plans
 from peftloop.models.checkpointing import checkpoint_layer
 
@@ -421,6 +422,9 @@ class LlamaModel(nn.Module):
         ``peftloop.models.checkpointing`` and ``LlamaForCausalLM.gradient_checkpointing_enable``."""
         self.offload_activations = False
         """With gradient_checkpointing: keep each layer's input in pinned CPU memory."""
+        self.recompute_cheap_activations = True
+        """Training: norm and SwiGLU outputs are made again in backward instead of kept by the
+        projections that read them (``kernels.recompute``; docs/memory.md). False keeps them."""
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_caches=None):
         B, T = input_ids.shape
@@ -433,13 +437,17 @@ class LlamaModel(nn.Module):
         # plain causal, per document (packed rows) or a dense mask (see peftloop.models.attention)
         windows = {layer.attention_window for layer in self.layers}
         masks = attention_plans(attention_mask, position_ids, T, past, windows)
-        for i, layer in enumerate(self.layers):
-            cache = kv_caches[i] if kv_caches is not None else None
-            attn_mask = masks[layer.attention_window]
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint_layer(layer, x, cos, sin, attn_mask, cache, offload=self.offload_activations)
-            else:
-                x = layer(x, cos, sin, attn_mask, cache)
+        # Norm and SwiGLU outputs are made again in backward instead of kept by the projections
+        # that read them (docs/memory.md); a checkpointed layer is left to its checkpoint.
+        with recompute_activations(enabled=self.training and self.recompute_cheap_activations):
+            for i, layer in enumerate(self.layers):
+                cache = kv_caches[i] if kv_caches is not None else None
+                attn_mask = masks[layer.attention_window]
+                if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                    x = checkpoint_layer(layer, x, cos, sin, attn_mask, cache,
+                                         offload=self.offload_activations)
+                else:
+                    x = layer(x, cos, sin, attn_mask, cache)
         return self.norm(x)
 
 
