@@ -167,7 +167,7 @@ def multi_lora_backward(g, x2, weight, factors, us, plans, need_x: bool, needs_A
     same floating-point expression as a single LoRALinear's (addmm rounds differently from a
     matmul followed by an add), so K jobs trained together equal K trained alone bit for bit. The
     base dx still reads each row once. Each gradient None unless asked for; results in g's dtype."""
-    grad_x = torch.empty(g.shape[0], weight.shape[1], dtype=g.dtype, device=g.device) if need_x else None
+    grad_x = new_output((g.shape[0], weight.shape[1]), g.dtype, g.device) if need_x else None
     covered = torch.zeros(g.shape[0], dtype=torch.bool, device=g.device) if need_x else None
     grads = []
     for plan, (A, B), u, need_A, need_B in zip(plans, factors, us, needs_A, needs_B):
