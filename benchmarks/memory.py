@@ -13,9 +13,9 @@ Every measurement is a fresh process (``run_child``):
 - ``train``: loads the base, trains warm-up + measured steps with ``peftloop.train`` and reports
   the process's peak RSS (``ru_maxrss``, imports included, as run_one reports it), the RSS after
   the imports and after loading, and the median step time. A ``--variants`` entry joins with
-  ``+`` any of: ``default`` (nothing beyond what ``train()`` does itself: the 1 MiB threshold of
-  ``limit_heap_retention``), ``mmap=<size>`` (``peftloop.allocator.limit_heap_retention`` at that
-  threshold, set before training, which ``train()`` then keeps), ``trim`` (``release_free_memory``
+  ``+`` any of: ``default`` (nothing: glibc's own policy, as ``train()`` leaves it),
+  ``mmap=<size>`` (``peftloop.allocator.limit_heap_retention`` at that
+  threshold, set before training), ``trim`` (``release_free_memory``
   after every optimizer step), ``recompute`` (the model's ``recompute_cheap_activations`` switch,
   on by default in peftloop and turned off by this benchmark in the variants without it: norm and
   SwiGLU outputs made again in backward). Variants alternate within each pass, so drift falls on

@@ -56,16 +56,16 @@ def why_unavailable() -> str | None:
     return None
 
 
-_threshold_set: int | None = None  # what this process set, so train() does not undo a caller's choice
+_threshold_set: int | None = None  # what this process set: a later call without a size keeps it
 
 
 def limit_heap_retention(mmap_threshold: int | None = None) -> bool:
     """Give every allocation of ``mmap_threshold`` bytes or more its own mapping, returned to the
     system when freed, and trim the heap's top past the same size. Process-wide, idempotent.
 
-    ``None`` (what ``train()`` passes) sets ``DEFAULT_MMAP_THRESHOLD`` unless this process has already
-    set a threshold, which it keeps. Returns True when set, False where the C library is not glibc
-    (a no-op: ``why_unavailable``)."""
+    ``None`` sets ``DEFAULT_MMAP_THRESHOLD`` unless this process has already set a threshold, which it
+    keeps. Not applied by ``train()``: in bf16 it costs +19-47% step time (docs/memory.md).
+    Returns True when set, False where the C library is not glibc (a no-op: ``why_unavailable``)."""
     global _threshold_set
     if mmap_threshold is None:
         mmap_threshold = _threshold_set or DEFAULT_MMAP_THRESHOLD

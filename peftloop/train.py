@@ -54,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from peftloop import allocator, checkpoint, distributed, files
+from peftloop import checkpoint, distributed, files
 from peftloop.adapter_format import adapter_state_dict, load_adapter_state_dict
 from peftloop.callbacks import (
     Callback,
@@ -162,8 +162,6 @@ def train(
     # ---- 1. set-up: adapters, device, processes, seeds, precision ------------------------------
     lora_config = require_adapters(model)  # before anything is read or written on disk
     dist_, device = distributed.setup(config.strategy, resolve_device(config.device))
-    if device.type == "cpu":  # glibc otherwise keeps freed activations resident (docs/memory.md)
-        allocator.limit_heap_retention()
     model.to(device)
     # Ranks draw different dropout masks; the data order is seeded separately (data.epoch_order).
     seed_everything(config.seed + dist_.rank)

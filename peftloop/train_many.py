@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from peftloop import allocator, checkpoint, distributed, files
+from peftloop import checkpoint, distributed, files
 from peftloop.adapter_format import adapter_state_dict_of, load_adapter_state_dict_of
 from peftloop.callbacks import (
     Callback,
@@ -148,8 +148,6 @@ def train_many(model: nn.Module, jobs: list[Job]) -> list[TrainResult]:
     inject_many(model, [job.lora for job in jobs], [c.seed for c in configs])
     loras = model.lora_configs  # as inject_lora records them: "all-linear" resolved, the base named
     dist_, device = distributed.setup(shared.strategy, resolve_device(shared.device))
-    if device.type == "cpu":  # glibc otherwise keeps freed activations resident (docs/memory.md)
-        allocator.limit_heap_retention()
     if dist_.enabled:
         raise ValueError("train_many: one process only (not under torchrun)")
     model.to(device)
