@@ -123,7 +123,7 @@ def dense_plans(attention_mask, position_ids, T, past, windows):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_logits_equal_each_document_alone(dtype):
+def test_packed_logits_equal_each_document_alone(dtype, cpu_low_precision):
     model = tiny_model(seed=3, num_hidden_layers=3).eval()
     lengths = [7, 1, 12, 4]
     tokens = torch.randint(3, 61, (1, sum(lengths)), generator=torch.Generator().manual_seed(0))
@@ -136,7 +136,7 @@ def test_packed_logits_equal_each_document_alone(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_lora_gradients_equal_the_dense_mask_path(monkeypatch, dtype, checkpointing):
+def test_lora_gradients_equal_the_dense_mask_path(monkeypatch, dtype, checkpointing, cpu_low_precision):
     """A packed, right-padded batch: the loss and every LoRA gradient of the per-document path equal
     those of the dense mask (the path it replaces), with and without gradient checkpointing."""
     position_ids = positions_of([[9, 1, 6, 4], [13, 5, 2]])
