@@ -96,6 +96,20 @@ class TrainState:
     is_main_process: bool = field(default=True, metadata={"saved": False})
     """False on every torchrun rank but 0: callbacks that write files should check it."""
 
+    def record_step(self, window: Window, epoch: int, step_loss: float, tokens: int, skipped: bool,
+                    nonfinite: bool) -> None:
+        """One optimizer step taken (or skipped): its count, the data position a checkpoint saved
+        now resumes from, and the running sums."""
+        self.global_step += 1
+        if window.last_in_epoch:
+            self.epoch, self.examples_in_epoch = epoch + 1, 0
+        else:
+            self.epoch, self.examples_in_epoch = epoch, window.examples_done
+        self.loss_sum += 0.0 if nonfinite else step_loss
+        self.tokens_seen += int(tokens)
+        self.skipped_steps += int(skipped)
+        self.nonfinite_steps += int(nonfinite)
+
 
 SAVED_FIELDS = [f.name for f in dataclasses.fields(TrainState) if f.metadata.get("saved", True)]
 """The TrainState fields a checkpoint holds."""
@@ -319,15 +333,7 @@ def train(
             skipped = skip_update or scaler.get_scale() < scale_before
 
             # e. bookkeeping and logging
-            state.global_step += 1
-            if window.last_in_epoch:  # the data position: where a checkpoint saved now resumes
-                state.epoch, state.examples_in_epoch = epoch + 1, 0
-            else:
-                state.epoch, state.examples_in_epoch = epoch, window.examples_done
-            state.loss_sum += 0.0 if skip_update else step_loss
-            state.tokens_seen += int(tokens_in_window)
-            state.skipped_steps += int(skipped)
-            state.nonfinite_steps += int(skip_update)
+            state.record_step(window, epoch, step_loss, tokens_in_window, skipped, nonfinite=skip_update)
             losses_since_log.append(step_loss)
             if skip_update and dist_.is_main:
                 progress.write(f"peftloop: step {state.global_step} skipped: loss {step_loss}, "

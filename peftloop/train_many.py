@@ -409,15 +409,7 @@ def finish_step(run: JobRun, model: nn.Module, window: Window, epoch: int, lr: f
     skipped = skip_update or run.scaler.get_scale() < scale_before
 
     # e. bookkeeping and logging
-    state.global_step += 1
-    if window.last_in_epoch:
-        state.epoch, state.examples_in_epoch = epoch + 1, 0
-    else:
-        state.epoch, state.examples_in_epoch = epoch, window.examples_done
-    state.loss_sum += 0.0 if skip_update else step_loss
-    state.tokens_seen += int(tokens_in_window)
-    state.skipped_steps += int(skipped)
-    state.nonfinite_steps += int(skip_update)
+    state.record_step(window, epoch, step_loss, tokens_in_window, skipped, nonfinite=skip_update)
     run.losses_since_log.append(step_loss)
     if skip_update:
         progress.write(f"peftloop: {run.name}: step {state.global_step} skipped: loss {step_loss}, "
