@@ -55,6 +55,22 @@ BASE_LAYERS = (nn.Linear, NF4Linear)
 NORM_ROWS = 1024
 
 
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """The one place the scaling is computed: s = alpha / r, rsLoRA alpha / sqrt(r)."""
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+
+@torch.no_grad()
+def init_lora_factors(lora_A: nn.Linear, lora_B: nn.Linear, init: bool | str) -> None:
+    """PEFT's plain inits, drawn in this order from torch's RNG: True, A kaiming-uniform(a=√5)
+    (nn.Linear's default); "gaussian", A ~ N(0, 1/r); B = 0 either way."""
+    if init == "gaussian":
+        nn.init.normal_(lora_A.weight, std=1.0 / lora_A.out_features)
+    else:
+        nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
+    nn.init.zeros_(lora_B.weight)
+
+
 class LoRALinear(nn.Module):
     is_adapter_wrapper = True  # peftloop.modules recognises adapter wrappers by this marker
 
@@ -75,8 +91,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, lora_dropout
         self.use_rslora = use_rslora
-        # The one place the scaling is computed: s = alpha / r, rsLoRA alpha / sqrt(r).
-        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         self.use_dora = use_dora
         device = self._base_tensor.device
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
@@ -121,12 +136,7 @@ class LoRALinear(nn.Module):
         if mutates_base(init):
             self._init_from_base(init)
             return
-        with torch.no_grad():
-            if init == "gaussian":
-                nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B.weight)
+        init_lora_factors(self.lora_A, self.lora_B, init)
 
     @torch.no_grad()
     def _init_from_base(self, init: str) -> None:

@@ -25,7 +25,6 @@ PiSSA/OLoRA (they change the shared base per adapter), no merging.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from peftloop.kernels import multi_lora_linear
+from peftloop.lora import init_lora_factors, lora_scaling
 from peftloop.nf4 import NF4Linear
 
 BASE_LAYERS = (nn.Linear, NF4Linear)
@@ -89,16 +89,11 @@ class LoRAAdapter(nn.Module):
                              "shared base)")
         self.r, self.lora_alpha, self.lora_dropout = spec.r, spec.lora_alpha, spec.lora_dropout
         self.use_rslora = spec.use_rslora
-        self.scaling = spec.lora_alpha / (math.sqrt(spec.r) if spec.use_rslora else spec.r)
+        self.scaling = lora_scaling(spec.r, spec.lora_alpha, spec.use_rslora)
         self.lora_A = nn.Linear(in_features, spec.r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(spec.r, out_features, bias=False, device=device, dtype=torch.float32)
         if init_lora_weights is not False:  # False: random A and B (tests that need a non-identity adapter)
-            with torch.no_grad():
-                if init_lora_weights == "gaussian":
-                    nn.init.normal_(self.lora_A.weight, std=1.0 / spec.r)
-                else:
-                    nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-                nn.init.zeros_(self.lora_B.weight)
+            init_lora_factors(self.lora_A, self.lora_B, init_lora_weights)
 
     @property
     def spec(self) -> AdapterSpec:
