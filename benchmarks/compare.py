@@ -449,8 +449,8 @@ def main() -> int:
                    help="realistic workload: model/dtype pairs")
     p.add_argument("--chat-systems", default=",".join(CHAT_SYSTEMS), help="realistic workload: systems")
     p.add_argument("--chat-examples", type=int, default=48,
-                   help="realistic workload: records in the epoch (48: about 15 minutes for smollm bf16 + "
-                        "fp32, five systems, on a quiet 2-core AVX-512 machine)")
+                   help="realistic workload: records in the epoch (48: about 22 minutes for smollm bf16 + "
+                        "fp32, five systems, on a quiet 2-core AVX-512 machine, measured 2026-12-02)")
     p.add_argument("--chat-max-seq-len", type=int, default=1024,
                    help="realistic workload: the length cap, and peftloop's packed row length")
     p.add_argument("--chat-passes", type=int, default=1)
