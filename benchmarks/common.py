@@ -5,8 +5,11 @@ Results: every benchmark writes ``benchmarks/results/<benchmark>-<machine>-<date
 Markdown report beside it (same stem, ``.md``; ``compare`` adds its plot as ``.png``), through
 :func:`write_results`. ``<benchmark>`` is the module name (``python -m benchmarks.<benchmark>``),
 ``<machine>`` the slug of :func:`machine` (the GPU for GPU benchmarks), ``<date>`` ISO
-(YYYY-MM-DD). The JSON holds ``benchmark``, ``machine``, ``date``, ``command``, the versions of the
-libraries measured (``torch``, ...), the benchmark's own settings, and ``records``: the rows.
+(YYYY-MM-DD). A run whose settings change the regime measured (say, activation checkpointing on)
+adds its variant to the name, ``<benchmark>__<variant>-<machine>-<date>``, so that it does not
+replace the default run of the same day. The JSON holds ``benchmark``, ``machine``, ``date``,
+``command``, the versions of the libraries measured (``torch``, ...), the variant (if any), the
+benchmark's own settings, and ``records``: the rows.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-RESULT_NAME = re.compile(r"^(?P<benchmark>[a-z0-9_]+)-(?P<machine>[a-z0-9]+(?:-[a-z0-9]+)*)"
-                         r"-(?P<date>\d{4}-\d{2}-\d{2})\.(?:json|md|png)$")
+RESULT_NAME = re.compile(r"^(?P<benchmark>[a-z0-9_]+?)(?:__(?P<variant>[a-z0-9_]+))?"
+                         r"-(?P<machine>[a-z0-9]+(?:-[a-z0-9]+)*)-(?P<date>\d{4}-\d{2}-\d{2})\.(?:json|md|png)$")
 
 
 def machine() -> str:
@@ -53,9 +56,12 @@ def today() -> str:
     return time.strftime("%Y-%m-%d")
 
 
-def result_stem(benchmark: str, machine_name: str, date: str, results: Path | None = None) -> Path:
-    """``benchmarks/results/<benchmark>-<machine slug>-<date>``: add ``.json``, ``.md`` or ``.png``."""
-    return (results or RESULTS) / f"{benchmark}-{slug(machine_name)}-{date}"
+def result_stem(benchmark: str, machine_name: str, date: str, results: Path | None = None,
+                variant: str | None = None) -> Path:
+    """``benchmarks/results/<benchmark>[__<variant>]-<machine slug>-<date>``: add ``.json``, ``.md`` or
+    ``.png``."""
+    name = f"{benchmark}__{variant}" if variant else benchmark
+    return (results or RESULTS) / f"{name}-{slug(machine_name)}-{date}"
 
 
 def command_line(benchmark: str) -> str:
@@ -72,19 +78,21 @@ def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[object]], ali
 
 def write_results(benchmark: str, records: list[dict], *, title: str, body: Sequence[str],
                   meta: dict | None = None, machine_name: str | None = None, date: str | None = None,
-                  libraries: Sequence[str] = ("torch",), results: Path | None = None) -> Path:
+                  libraries: Sequence[str] = ("torch",), results: Path | None = None,
+                  variant: str | None = None) -> Path:
     """Writes a benchmark's results: ``<stem>.json`` and ``<stem>.md``, returns the stem.
 
     ``records`` are the rows, ``meta`` the benchmark's settings (shape, method, ...), ``body`` the
     Markdown under the title and the line naming the machine, versions, date and command
     (the table, its notes). ``machine_name`` defaults to :func:`machine`, ``date`` to today,
-    ``results`` to benchmarks/results."""
+    ``results`` to benchmarks/results; ``variant`` names a run of non-default settings (see above)."""
     where = machine_name or machine()
     date = date or today()
     command = command_line(benchmark)
     versions = {name: importlib.import_module(name).__version__ for name in libraries}
-    stem = result_stem(benchmark, where, date, results or RESULTS)
-    head = {"benchmark": benchmark, "machine": where, "date": date, "command": command, **versions}
+    stem = result_stem(benchmark, where, date, results or RESULTS, variant)
+    head = {"benchmark": benchmark, **({"variant": variant} if variant else {}), "machine": where,
+            "date": date, "command": command, **versions}
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({**head, **(meta or {}), "records": records}, indent=1)
                                          + "\n")

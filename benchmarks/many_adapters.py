@@ -3,6 +3,8 @@
     python -m benchmarks.many_adapters                    # small (K = 1, 2, 4, 8) + smollm (K = 1, 2, 4)
     python -m benchmarks.many_adapters --shapes small --ks 1,4 --steps 3
     python -m benchmarks.many_adapters --smoke --results /tmp/out   # tiny model, K = 1, 2: checks it
+    python -m benchmarks.many_adapters --shapes smollm --gradient-checkpointing   # the base dominates
+    python -m benchmarks.many_adapters --shapes smollm --micro-batch 1            # small per-job batches
 
 The K jobs: LoRA r=16, alpha 32, dropout 0.05 on q, k, v, o, gate, up and down; job k has its own
 seed (42 + k), learning rate (1e-4 x (k + 1), linear schedule, clipping at 1.0) and data (random
@@ -34,6 +36,11 @@ Measured, per (shape, K, mode):
   their peaks coincide, which the barrier makes likely). The parent also samples the summed RSS
   of the mode's live processes every 50 ms: the largest sum, and the largest sum of their private
   (anonymous) memory, which leaves out the shared library pages each process's RSS counts again.
+
+Two settings change which regime is measured, and so have results files of their own
+(``many_adapters__checkpointed-...``, ``many_adapters__mb1-...``): ``--gradient-checkpointing`` (every
+mode checkpoints the decoder layers, so a job's activations are small beside the shared base) and a
+``--micro-batch`` other than 4 (per-job batches too small to keep the cores busy on their own).
 
 Ratios per (shape, K): fused / sequential tokens/s and fused / concurrent peak RSS, with the issue's
 targets at K = 4 (>= 1.3x and <= 0.4x) marked met or missed; and the largest difference between a
@@ -152,12 +159,14 @@ def run_spec(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     from peftloop.inject import inject_lora
-    from peftloop.models import load_pretrained
+    from peftloop.models import enable_gradient_checkpointing, load_pretrained
     from peftloop.train import seed_everything, train
     from peftloop.train_many import Job, train_many
 
     cuda = spec["device"] == "cuda"
     model = load_pretrained(spec["base"], dtype=spec["dtype"], device=spec["device"])
+    if spec["gradient_checkpointing"]:
+        enable_gradient_checkpointing(model)
     rss_loaded = status_kib("VmRSS") / MIB
     vocab, steps = model.config.vocab_size, spec["warmup"] + spec["steps"]
     clock = make_clock(spec["warmup"], spec["barrier"], spec["rank"], spec["parties"], cuda)
@@ -242,6 +251,7 @@ def child_spec(args, base: Path, mode: str, jobs: list[int], threads: int, workd
     return {"mode": mode, "base": str(base), "jobs": jobs, "threads": threads, "dtype": args.dtype,
             "device": args.device, "warmup": args.warmup, "steps": args.steps,
             "micro_batch": args.micro_batch, "seq_len": args.seq_len, "workdir": str(workdir),
+            "gradient_checkpointing": args.gradient_checkpointing,
             "barrier": str(barrier) if barrier else None, "rank": rank, "parties": parties}
 
 
@@ -417,6 +427,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="optimizer steps per job before measuring")
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per micro-batch (one per step)")
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="every mode checkpoints the decoder layers "
+                        "(results: many_adapters__checkpointed-...)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="torch threads of a fused or sequential run; concurrent: threads // K each")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16" if cuda else "fp32",
@@ -437,6 +450,15 @@ def parse_args(argv=None):
             p.error(f"unknown shape {name!r}: choose from {', '.join(known)}")
     args.known = known
     return args
+
+
+def variant(args) -> str | None:
+    """The settings that change the regime measured get results files of their own
+    (``many_adapters__<variant>-...``), so that such a run does not replace the default run's figures."""
+    parts = ["checkpointed"] * args.gradient_checkpointing
+    if args.micro_batch != 4 and not args.smoke:
+        parts.append(f"mb{args.micro_batch}")
+    return "_".join(parts) or None
 
 
 def ks_for(args, shape: str) -> list[int]:
@@ -480,12 +502,14 @@ def main(argv=None) -> int:
     summary = ratios(rows)
     where, date = machine(), today()
     args.results.mkdir(parents=True, exist_ok=True)
-    figure = plot(rows, result_stem("many_adapters", where, date, args.results).with_suffix(".png"))
+    stem = result_stem("many_adapters", where, date, args.results, variant(args))
+    figure = plot(rows, stem.with_suffix(".png"))
     gpu = args.device == "cuda"
     body = [(f"The K jobs: LoRA r=16, alpha 32, dropout 0.05 on {', '.join(TARGETS)}; job k: seed 42 + k, "
              f"learning rate 1e-4 x (k + 1), its own random tokens; micro-batch {args.micro_batch} x "
              f"{args.seq_len} tokens per step; {args.warmup} warm-up + {args.steps} measured steps; "
-             f"{args.dtype} on {args.device}; {args.threads} threads (concurrent: threads // K each)."),
+             f"{args.dtype} on {args.device}; {args.threads} threads (concurrent: threads // K each); "
+             f"activation checkpointing {'on' if args.gradient_checkpointing else 'off'} in every mode."),
             ("fused: one process, train_many. sequential: K processes one after another, train() each. "
              "concurrent: K processes at once. tokens/s: measured steps only (the concurrent processes "
              "start them together at a barrier); wall: launch to last exit. Peak RSS: ru_maxrss of the "
@@ -499,10 +523,11 @@ def main(argv=None) -> int:
     meta = {"shapes": args.shapes, "ks": {s: ks_for(args, s) for s in args.shapes}, "steps": args.steps,
             "warmup": args.warmup, "micro_batch_size": args.micro_batch, "seq_len": args.seq_len,
             "threads": args.threads, "dtype": args.dtype, "device": args.device, "lora_r": 16,
+            "gradient_checkpointing": args.gradient_checkpointing,
             "target_modules": TARGETS, "load_before": load_before, "load_after": os.getloadavg()[0],
             "ratios": summary, "plot": figure.name if figure else None}
     write_results("many_adapters", rows, title="K LoRA jobs: fused vs sequential vs concurrent", body=body,
-                  meta=meta, machine_name=where, date=date, results=args.results)
+                  meta=meta, machine_name=where, date=date, results=args.results, variant=variant(args))
     print("\n".join(tables(rows, summary, gpu)))
     return 0
 

@@ -12,7 +12,17 @@ import sys
 import pytest
 
 from benchmarks.common import RESULT_NAME, ROOT
-from benchmarks.many_adapters import MODES, ratios, tables
+from benchmarks.many_adapters import (
+    MODES,
+    TINY,
+    child_spec,
+    parse_args,
+    ratios,
+    run_spec,
+    tables,
+    variant,
+    write_base,
+)
 
 
 @pytest.mark.slow
@@ -51,6 +61,34 @@ def test_smoke_run_records_every_k_and_mode_and_its_ratios(tmp_path):
     assert len(data["ratios"]) == 2
     if data["plot"]:
         assert (tmp_path / data["plot"]).is_file() and data["plot"].endswith(".png")
+
+
+def test_gradient_checkpointing_reaches_the_child_and_names_its_results(tmp_path, monkeypatch):
+    """--gradient-checkpointing checkpoints the model every mode trains (and only then), trains the
+    same jobs (the same losses), and writes many_adapters__checkpointed-... beside the default run's."""
+    assert variant(parse_args([])) is None
+    assert variant(parse_args(["--gradient-checkpointing"])) == "checkpointed"
+    assert variant(parse_args(["--micro-batch", "1", "--gradient-checkpointing"])) == "checkpointed_mb1"
+    import torch
+
+    import peftloop.models
+
+    calls = []
+    enable = peftloop.models.enable_gradient_checkpointing
+    monkeypatch.setattr(peftloop.models, "enable_gradient_checkpointing",
+                        lambda model, **kw: calls.append(type(model).__name__) or enable(model, **kw))
+    base = write_base(TINY, tmp_path / "base")
+    threads = torch.get_num_threads()
+    losses = {}
+    try:
+        for flag in ([], ["--gradient-checkpointing"]):
+            args = parse_args(["--smoke", *flag])
+            spec = child_spec(args, base, "fused", [0, 1], 1, tmp_path / f"run{len(flag)}")
+            losses[bool(flag)] = run_spec(spec)["train_losses"]
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == ["LlamaForCausalLM"]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
 
 
 def row(k, mode, tokens_per_s, peak, losses=(1.0,)):

@@ -131,6 +131,15 @@ def test_write_results_writes_json_and_markdown_beside_it(tmp_path):
     assert md[0] == "# A title"
     assert "Some CPU, 2 CPUs, AVX2" in md[2] and "`python -m benchmarks.ce_memory" in md[2]
     assert md[-5:] == ["", *table]
+    variant = write_results("ce_memory", records, title="A title", body=[],
+                            machine_name="Some CPU, 2 CPUs, AVX2", date="2026-01-02", results=tmp_path,
+                            variant="checkpointed")
+    assert variant.name == "ce_memory__checkpointed-some-cpu-2-cpus-avx2-2026-01-02"
+    match = RESULT_NAME.match(variant.name + ".json")
+    assert (match["benchmark"], match["variant"], match["machine"]) == ("ce_memory", "checkpointed",
+                                                                        "some-cpu-2-cpus-avx2")
+    assert json.loads(variant.with_suffix(".json").read_text())["variant"] == "checkpointed"
+    assert stem.with_suffix(".json").is_file()  # the default run's files stay
 
 
 # ---------------------------------------------------------------------------------------------
