@@ -17,7 +17,9 @@ forward ran. Outside the block, with grad disabled, or for a non-contiguous outp
 changes. Saved-tensor hooks already active around the block (``save_on_cpu``, a counting hook)
 keep working: everything else, and the recipes' inputs, go through them. Hooks opened inside the
 block (gradient checkpointing of a layer) take precedence there, as torch stacks them, so a
-checkpointed layer is recomputed by its checkpoint and nothing here applies to it.
+checkpointed layer is recomputed by its checkpoint and nothing here applies to it: nothing is
+registered there either, since a recipe holds its inputs until a consumer saves the output or the
+block ends, and inside a checkpoint no one saves them (the whole point of checkpointing).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 # the recipes that autograd holds are left, and they die with the graph.
 _depth = 0
 _registered: dict[int, Recipe] = {}
+_our_packs: list[Callable] = []  # the pack hook of each open block, innermost last
 
 
 class Recipe:
@@ -107,13 +110,20 @@ def recompute_activations(enabled: bool = True):
 
     global _depth
     _depth += 1
+    _our_packs.append(pack)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield
     finally:
         _depth -= 1
+        _our_packs.pop()
         if _depth == 0:
             _registered.clear()
+
+
+def innermost_hooks_are_ours() -> bool:
+    top = enclosing_hooks()
+    return bool(top) and top[0] is _our_packs[-1]
 
 
 def recomputable(output: torch.Tensor, make: Callable[..., torch.Tensor], *inputs: torch.Tensor
@@ -121,8 +131,10 @@ def recomputable(output: torch.Tensor, make: Callable[..., torch.Tensor], *input
     """Registers ``output`` (returned unchanged) as ``make(*inputs)`` for the enclosing
     ``recompute_activations()`` block; outside one, or without grad, does nothing. Only an output
     that requires grad is registered: then its producer keeps the inputs anyway, and the recipe
-    costs nothing (otherwise it would keep inputs that nobody else keeps)."""
+    costs nothing (otherwise it would keep inputs that nobody else keeps). Under hooks opened inside
+    the block (a checkpointed layer) nothing is registered: nothing is saved there, and a recipe
+    would keep its inputs alive until the block ends (every layer's, across the forward pass)."""
     if (_depth and torch.is_grad_enabled() and output.requires_grad and output.is_contiguous()
-            and output.storage_offset() == 0):
+            and output.storage_offset() == 0 and innermost_hooks_are_ours()):
         _registered[output.untyped_storage().data_ptr()] = Recipe(output, make, inputs)
     return output

@@ -6,6 +6,8 @@ no longer saves the output's storage."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 
 import pytest
 import torch
@@ -132,6 +134,42 @@ def test_without_grad_or_outside_the_block_nothing_is_registered():
         swiglu(gate, up)
         assert len(recompute._registered) == 1
     assert not recompute._registered  # cleared when the block ends
+
+
+def test_a_checkpointed_layer_registers_nothing_and_frees_its_intermediates():
+    """Inside a checkpoint nothing is saved, so a recipe would only keep its inputs alive until the
+    block ends: every checkpointed layer's gate and up across the whole forward pass (measured: ~87
+    MB per layer at 4,096 tokens of SmolLM2-135M). Nothing is registered, the intermediates die
+    with the layer, and the gradients are those of the run without the block."""
+    import weakref
+
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+    from peftloop.kernels import recompute
+
+    gate_w, up_w = randn(INTER, HIDDEN, seed=1), randn(INTER, HIDDEN, seed=2)
+    down_w, norm_w = randn(HIDDEN, INTER, seed=3), randn(HIDDEN, seed=4)
+    lora_A, lora_B = leaves(torch.float32, (True, True), seed=5, A=(RANK, INTER), B=(HIDDEN, RANK))
+    x = randn(ROWS, HIDDEN, seed=6, requires_grad=True)
+    alive = []
+
+    def layer(x):
+        h = rms_norm(x, norm_w, 1e-5)
+        gate, up = h @ gate_w.t(), h @ up_w.t()
+        alive.append(weakref.ref(gate))
+        return x + lora_linear(swiglu(gate, up), down_w, None, lora_A, lora_B, 2.0)
+
+    # enable_gradient_checkpointing's (offload=True runs the layer under no_grad: nothing registers)
+    run_checkpointed = functools.partial(torch_checkpoint, use_reentrant=False)
+    expected = torch.autograd.grad(layer(layer(x)).sum(), [x, lora_A, lora_B])
+    alive.clear()
+    with recompute_activations():
+        out = run_checkpointed(layer, run_checkpointed(layer, x))
+        assert not recompute._registered
+        gc.collect()
+        assert all(ref() is None for ref in alive)  # both layers' gate freed before the block ends
+    for a, b in zip(torch.autograd.grad(out.sum(), [x, lora_A, lora_B]), expected, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_enclosing_hooks_see_the_recipe_inputs_and_everything_else():
