@@ -646,8 +646,13 @@ class MultiLoRALinearFunction(torch.autograd.Function):
         y, us = forward(x2, w, bias, pairs, plan.segments)
         del w
         needs_any_A = any(ctx.needs_input_grad[4::2])
-        ctx.save_for_backward(x2 if needs_any_A else None, weight, *factors, *us)
-        ctx.plan, ctx.x_shape, ctx.dtype = plan, x.shape, x.dtype
+        # The dropout masks go through save_for_backward, not ctx.plan: saved-tensor hooks
+        # (activation checkpointing, offloading) must see them, or every checkpointed layer's
+        # masks would stay alive on the graph until its backward pass.
+        masks = [seg.mask2 for seg in plan.segments]
+        ctx.save_for_backward(x2 if needs_any_A else None, weight, *factors, *us, *masks)
+        ctx.plan = plan._replace(segments=tuple(seg._replace(mask2=None) for seg in plan.segments))
+        ctx.x_shape, ctx.dtype = x.shape, x.dtype
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -655,7 +660,8 @@ class MultiLoRALinearFunction(torch.autograd.Function):
         plan = ctx.plan
         x2, weight, *rest = ctx.saved_tensors
         n = len(plan.segments)
-        factors, us = rest[:2 * n], rest[2 * n:]
+        factors, us, masks = rest[:2 * n], rest[2 * n:3 * n], rest[3 * n:]
+        plan = plan._replace(segments=tuple(seg._replace(mask2=m) for seg, m in zip(plan.segments, masks)))
         pairs = list(zip(factors[0::2], factors[1::2]))
         need_x = ctx.needs_input_grad[0]
         needs_A, needs_B = ctx.needs_input_grad[4::2], ctx.needs_input_grad[5::2]
