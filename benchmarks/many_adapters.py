@@ -5,6 +5,7 @@
     python -m benchmarks.many_adapters --smoke --results /tmp/out   # tiny model, K = 1, 2: checks it
     python -m benchmarks.many_adapters --shapes smollm --gradient-checkpointing   # the base dominates
     python -m benchmarks.many_adapters --shapes smollm --micro-batch 1            # small per-job batches
+    python -m benchmarks.many_adapters --shapes smollm --gradient-checkpointing --limit-heap-retention
 
 The K jobs: LoRA r=16, alpha 32, dropout 0.05 on q, k, v, o, gate, up and down; job k has its own
 seed (42 + k), learning rate (1e-4 x (k + 1), linear schedule, clipping at 1.0) and data (random
@@ -39,8 +40,11 @@ Measured, per (shape, K, mode):
 
 Two settings change which regime is measured, and so have results files of their own
 (``many_adapters__checkpointed-...``, ``many_adapters__mb1-...``): ``--gradient-checkpointing`` (every
-mode checkpoints the decoder layers, so a job's activations are small beside the shared base) and a
-``--micro-batch`` other than 4 (per-job batches too small to keep the cores busy on their own).
+mode checkpoints the decoder layers, so a job's activations are small beside the shared base),
+``--limit-heap-retention`` (every process calls ``peftloop.allocator.limit_heap_retention()`` first:
+without it glibc's heap keeps much of what a step frees, ~1 GB on the 135M shape, which hides
+what the modes' live memory is) and a ``--micro-batch`` other than 4 (per-job batches too small to
+keep the cores busy on their own).
 
 Ratios per (shape, K): fused / sequential tokens/s and fused / concurrent peak RSS, with the issue's
 targets at K = 4 (>= 1.3x and <= 0.4x) marked met or missed; and the largest difference between a
@@ -158,6 +162,10 @@ def run_spec(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    if spec["limit_heap_retention"]:
+        from peftloop.allocator import limit_heap_retention
+
+        limit_heap_retention()
     from peftloop.inject import inject_lora
     from peftloop.models import enable_gradient_checkpointing, load_pretrained
     from peftloop.train import seed_everything, train
@@ -252,6 +260,7 @@ def child_spec(args, base: Path, mode: str, jobs: list[int], threads: int, workd
             "device": args.device, "warmup": args.warmup, "steps": args.steps,
             "micro_batch": args.micro_batch, "seq_len": args.seq_len, "workdir": str(workdir),
             "gradient_checkpointing": args.gradient_checkpointing,
+            "limit_heap_retention": args.limit_heap_retention,
             "barrier": str(barrier) if barrier else None, "rank": rank, "parties": parties}
 
 
@@ -430,6 +439,9 @@ def parse_args(argv=None):
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="every mode checkpoints the decoder layers "
                         "(results: many_adapters__checkpointed-...)")
+    p.add_argument("--limit-heap-retention", action="store_true",
+                   help="every process calls peftloop.allocator.limit_heap_retention() first "
+                        "(results: many_adapters__heaplimit-...)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="torch threads of a fused or sequential run; concurrent: threads // K each")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16" if cuda else "fp32",
@@ -455,7 +467,7 @@ def parse_args(argv=None):
 def variant(args) -> str | None:
     """The settings that change the regime measured get results files of their own
     (``many_adapters__<variant>-...``), so that such a run does not replace the default run's figures."""
-    parts = ["checkpointed"] * args.gradient_checkpointing
+    parts = ["checkpointed"] * args.gradient_checkpointing + ["heaplimit"] * args.limit_heap_retention
     if args.micro_batch != 4 and not args.smoke:
         parts.append(f"mb{args.micro_batch}")
     return "_".join(parts) or None
@@ -509,7 +521,8 @@ def main(argv=None) -> int:
              f"learning rate 1e-4 x (k + 1), its own random tokens; micro-batch {args.micro_batch} x "
              f"{args.seq_len} tokens per step; {args.warmup} warm-up + {args.steps} measured steps; "
              f"{args.dtype} on {args.device}; {args.threads} threads (concurrent: threads // K each); "
-             f"activation checkpointing {'on' if args.gradient_checkpointing else 'off'} in every mode."),
+             f"activation checkpointing {'on' if args.gradient_checkpointing else 'off'} in every mode; "
+             f"glibc heap retention {'limited' if args.limit_heap_retention else 'as glibc does it'}."),
             ("fused: one process, train_many. sequential: K processes one after another, train() each. "
              "concurrent: K processes at once. tokens/s: measured steps only (the concurrent processes "
              "start them together at a barrier); wall: launch to last exit. Peak RSS: ru_maxrss of the "
@@ -524,6 +537,7 @@ def main(argv=None) -> int:
             "warmup": args.warmup, "micro_batch_size": args.micro_batch, "seq_len": args.seq_len,
             "threads": args.threads, "dtype": args.dtype, "device": args.device, "lora_r": 16,
             "gradient_checkpointing": args.gradient_checkpointing,
+            "limit_heap_retention": args.limit_heap_retention,
             "target_modules": TARGETS, "load_before": load_before, "load_after": os.getloadavg()[0],
             "ratios": summary, "plot": figure.name if figure else None}
     write_results("many_adapters", rows, title="K LoRA jobs: fused vs sequential vs concurrent", body=body,

@@ -69,6 +69,8 @@ def test_gradient_checkpointing_reaches_the_child_and_names_its_results(tmp_path
     assert variant(parse_args([])) is None
     assert variant(parse_args(["--gradient-checkpointing"])) == "checkpointed"
     assert variant(parse_args(["--micro-batch", "1", "--gradient-checkpointing"])) == "checkpointed_mb1"
+    heap = parse_args(["--gradient-checkpointing", "--limit-heap-retention"])
+    assert variant(heap) == "checkpointed_heaplimit"
     import torch
 
     import peftloop.models
