@@ -38,9 +38,10 @@ Measured, per (shape, K, mode):
   of the mode's live processes every 50 ms: the largest sum, and the largest sum of their private
   (anonymous) memory, which leaves out the shared library pages each process's RSS counts again.
 
-Two settings change which regime is measured, and so have results files of their own
-(``many_adapters__checkpointed-...``, ``many_adapters__mb1-...``): ``--gradient-checkpointing`` (every
-mode checkpoints the decoder layers, so a job's activations are small beside the shared base),
+Three settings change which regime is measured, and so have results files of their own
+(``many_adapters__checkpointed-...``, ``..._heaplimit``, ``many_adapters__mb1-...``):
+``--gradient-checkpointing`` (every mode checkpoints the decoder layers, so a job's activations
+are small beside the shared base),
 ``--limit-heap-retention`` (every process calls ``peftloop.allocator.limit_heap_retention()`` first:
 without it glibc's heap keeps much of what a step frees, ~1 GB on the 135M shape, which hides
 what the modes' live memory is) and a ``--micro-batch`` other than 4 (per-job batches too small to
@@ -91,6 +92,7 @@ DEFAULT_KS = {"smollm": (1, 2, 4)}
 machine shared with others, and its three modes alone would take ~8 minutes on 2 cores."""
 TARGET_K, TARGET_SPEEDUP, TARGET_MEMORY = 4, 1.3, 0.4
 MIB = 1024  # KiB per MiB: ru_maxrss and /proc report KiB
+MICRO_BATCH = 4  # sequences per job and step by default; another size is a variant of its own
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +436,8 @@ def parse_args(argv=None):
     p.add_argument("--ks", help="comma-separated numbers of jobs (default 1,2,4,8; 1,2,4 for smollm)")
     p.add_argument("--steps", type=int, default=2, help="measured optimizer steps per job")
     p.add_argument("--warmup", type=int, default=1, help="optimizer steps per job before measuring")
-    p.add_argument("--micro-batch", type=int, default=4, help="sequences per micro-batch (one per step)")
+    p.add_argument("--micro-batch", type=int, default=MICRO_BATCH,
+                   help="sequences per micro-batch (one per step)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="every mode checkpoints the decoder layers "
@@ -468,7 +471,7 @@ def variant(args) -> str | None:
     """The settings that change the regime measured get results files of their own
     (``many_adapters__<variant>-...``), so that such a run does not replace the default run's figures."""
     parts = ["checkpointed"] * args.gradient_checkpointing + ["heaplimit"] * args.limit_heap_retention
-    if args.micro_batch != 4 and not args.smoke:
+    if args.micro_batch != MICRO_BATCH and not args.smoke:
         parts.append(f"mb{args.micro_batch}")
     return "_".join(parts) or None
 

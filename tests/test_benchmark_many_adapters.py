@@ -65,7 +65,8 @@ def test_smoke_run_records_every_k_and_mode_and_its_ratios(tmp_path):
 
 def test_gradient_checkpointing_reaches_the_child_and_names_its_results(tmp_path, monkeypatch):
     """--gradient-checkpointing checkpoints the model every mode trains (and only then), trains the
-    same jobs (the same losses), and writes many_adapters__checkpointed-... beside the default run's."""
+    same jobs (the same losses), and writes many_adapters__checkpointed-... beside the default run's;
+    --limit-heap-retention reaches the child too (recorded, not applied: it is process-wide)."""
     assert variant(parse_args([])) is None
     assert variant(parse_args(["--gradient-checkpointing"])) == "checkpointed"
     assert variant(parse_args(["--micro-batch", "1", "--gradient-checkpointing"])) == "checkpointed_mb1"
@@ -73,23 +74,26 @@ def test_gradient_checkpointing_reaches_the_child_and_names_its_results(tmp_path
     assert variant(heap) == "checkpointed_heaplimit"
     import torch
 
+    import peftloop.allocator
     import peftloop.models
 
     calls = []
     enable = peftloop.models.enable_gradient_checkpointing
     monkeypatch.setattr(peftloop.models, "enable_gradient_checkpointing",
                         lambda model, **kw: calls.append(type(model).__name__) or enable(model, **kw))
+    limited = []
+    monkeypatch.setattr(peftloop.allocator, "limit_heap_retention", lambda: limited.append(True))
     base = write_base(TINY, tmp_path / "base")
     threads = torch.get_num_threads()
     losses = {}
     try:
-        for flag in ([], ["--gradient-checkpointing"]):
+        for flag in ([], ["--gradient-checkpointing", "--limit-heap-retention"]):
             args = parse_args(["--smoke", *flag])
             spec = child_spec(args, base, "fused", [0, 1], 1, tmp_path / f"run{len(flag)}")
             losses[bool(flag)] = run_spec(spec)["train_losses"]
     finally:
         torch.set_num_threads(threads)
-    assert calls == ["LlamaForCausalLM"]
+    assert calls == ["LlamaForCausalLM"] and limited == [True]
     assert losses[True] == pytest.approx(losses[False], rel=1e-6)
 
 

@@ -209,7 +209,7 @@ def test_dropout_masks_are_saved_through_the_saved_tensor_hooks():
     and comes back through unpack, and the gradients are those of a run without hooks."""
     case = Case(**FIXED, dtype=torch.float32, needs=[True] * 7)
     p = [0.3, 0.0, 0.5]
-    masks = {k: torch.rand(case.x[s:e].shape, generator=torch.Generator().manual_seed(k)) >= p[k]
+    masks = {k: torch.rand(case.x[s:e].shape, generator=torch.Generator().manual_seed(k)).to(DEVICE) >= p[k]
              for k, s, e in case.segments}
     args = (case.x, case.weight, case.bias, case.As, case.Bs, case.scalings, case.segments, p)
     expected = _grads(multi_lora_linear(*args, dropout_masks=masks), case.inputs, case.dtype)[0]
